@@ -1,0 +1,301 @@
+//! The per-request exchange and its named attributes.
+//!
+//! Attributes are what YAML refers to: `http.method`, `http.path`, `http.host`,
+//! `http.header.NAME`, `http.query.NAME`, `http.form.NAME`, `authentication.subject.id`,
+//! `oauth.client_id`, `failure.reason`, ... The `http.*` family is read from the request on
+//! demand (the query string and the form body are parsed at most once, on first use); the rest
+//! are set by filters.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
+
+/// A parsed `application/x-www-form-urlencoded` or query string, keeping every occurrence:
+/// RFC 6749 §3.2 forbids repeated parameters, so filters need to see repeats to refuse them.
+#[derive(Default)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub fn parse(input: &[u8]) -> Self {
+        Params(
+            form_urlencoded::parse(input)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    /// The value of `name` when it occurs exactly once.
+    pub fn single(&self, name: &str) -> Param<'_> {
+        let mut found = None;
+        for (k, v) in &self.0 {
+            if k == name {
+                if found.is_some() {
+                    return Param::Repeated;
+                }
+                found = Some(v.as_str());
+            }
+        }
+        match found {
+            Some(v) => Param::Value(v),
+            None => Param::Missing,
+        }
+    }
+
+    pub fn first(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One parameter looked up with [`Params::single`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param<'a> {
+    Missing,
+    Repeated,
+    Value(&'a str),
+}
+
+impl<'a> Param<'a> {
+    /// An empty value counts as missing (RFC 6749 §3.1: "parameters sent without a value
+    /// MUST be treated as if they were omitted").
+    pub fn value(self) -> Option<&'a str> {
+        match self {
+            Param::Value(v) if !v.is_empty() => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// The response being built by the chain (headers set by `set_header`, status by
+/// `set_response`). Sent as is when the chain ends on a pass without any node responding.
+pub struct PendingResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Default for PendingResponse {
+    fn default() -> Self {
+        PendingResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        }
+    }
+}
+
+/// One request on its way through a policy.
+pub struct Exchange {
+    pub request: Parts,
+    pub body: Bytes,
+    pub response: PendingResponse,
+    /// Attributes set by filters. Names are the YAML names.
+    attributes: HashMap<String, String>,
+    query: OnceLock<Params>,
+    form: OnceLock<Params>,
+    pub started: Instant,
+}
+
+impl Exchange {
+    pub fn new(request: Parts, body: Bytes) -> Self {
+        Exchange {
+            request,
+            body,
+            response: PendingResponse::default(),
+            attributes: HashMap::new(),
+            query: OnceLock::new(),
+            form: OnceLock::new(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.request.method
+    }
+
+    pub fn path(&self) -> &str {
+        self.request.uri.path()
+    }
+
+    pub fn headers(&self) -> &HeaderMap<HeaderValue> {
+        &self.request.headers
+    }
+
+    /// The query string, parsed on first use.
+    pub fn query(&self) -> &Params {
+        self.query.get_or_init(|| {
+            Params::parse(self.request.uri.query().unwrap_or("").as_bytes())
+        })
+    }
+
+    /// The body as a form, parsed on first use; empty unless the request says
+    /// `Content-Type: application/x-www-form-urlencoded`.
+    pub fn form(&self) -> &Params {
+        self.form.get_or_init(|| {
+            if self.is_form() {
+                Params::parse(&self.body)
+            } else {
+                Params::default()
+            }
+        })
+    }
+
+    pub fn is_form(&self) -> bool {
+        self.request
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+    }
+
+    pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.attributes.insert(name.into(), value.into());
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<String> {
+        self.attributes.remove(name)
+    }
+
+    /// The value of a named attribute: one set by a filter, or one read from the request.
+    pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        if let Some(v) = self.attributes.get(name) {
+            return Some(Cow::Borrowed(v));
+        }
+        let rest = name.strip_prefix("http.")?;
+        match rest {
+            "method" => Some(Cow::Borrowed(self.request.method.as_str())),
+            "path" => Some(Cow::Borrowed(self.request.uri.path())),
+            "query" => self.request.uri.query().map(Cow::Borrowed),
+            "host" => self.host().map(Cow::Borrowed),
+            _ => {
+                if let Some(h) = rest.strip_prefix("header.") {
+                    self.request
+                        .headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .map(Cow::Borrowed)
+                } else if let Some(q) = rest.strip_prefix("query.") {
+                    self.query().first(q).map(Cow::Borrowed)
+                } else if let Some(f) = rest.strip_prefix("form.") {
+                    self.form().first(f).map(Cow::Borrowed)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// The request's host without a port, from the URI or the `Host` header.
+    pub fn host(&self) -> Option<&str> {
+        let raw = match self.request.uri.host() {
+            Some(h) => h,
+            None => self
+                .request
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())?,
+        };
+        Some(strip_port(raw))
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return host.split_once(']').map(|(h, _)| &host[..h.len() + 1]).unwrap_or(host);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map(|(h, _)| h)
+        .unwrap_or(host)
+}
+
+impl fmt::Debug for Exchange {
+    // Attribute values may be secrets (`http.form.client_secret`, a refresh token) or carry
+    // them: Debug prints the names only, and the request line without its query string.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&str> = self.attributes.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("Exchange")
+            .field("method", &self.request.method)
+            .field("path", &self.request.uri.path())
+            .field("body_len", &self.body.len())
+            .field("attributes", &names)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(uri: &str, headers: &[(&str, &str)], body: &str) -> Exchange {
+        let mut b = http::Request::builder().method("POST").uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let (parts, ()) = b.body(()).unwrap().into_parts();
+        Exchange::new(parts, Bytes::from(body.to_owned()))
+    }
+
+    #[test]
+    fn http_attributes_come_from_the_request() {
+        let ex = exchange(
+            "/a/b?x=1&y=2",
+            &[
+                ("host", "api.example.com:8443"),
+                ("content-type", "application/x-www-form-urlencoded; charset=utf-8"),
+                ("x-team", "core"),
+            ],
+            "grant_type=refresh_token&scope=a+b",
+        );
+        assert_eq!(ex.get("http.method").as_deref(), Some("POST"));
+        assert_eq!(ex.get("http.path").as_deref(), Some("/a/b"));
+        assert_eq!(ex.get("http.host").as_deref(), Some("api.example.com"));
+        assert_eq!(ex.get("http.header.x-team").as_deref(), Some("core"));
+        assert_eq!(ex.get("http.query.y").as_deref(), Some("2"));
+        assert_eq!(ex.get("http.form.scope").as_deref(), Some("a b"));
+        assert_eq!(ex.get("http.form.missing"), None);
+        assert_eq!(ex.get("nothing"), None);
+    }
+
+    #[test]
+    fn form_is_empty_without_the_form_content_type() {
+        let ex = exchange("/", &[("content-type", "application/json")], "a=1");
+        assert_eq!(ex.get("http.form.a"), None);
+    }
+
+    #[test]
+    fn repeated_and_empty_parameters_are_told_apart() {
+        let p = Params::parse(b"a=1&a=2&b=&c=3");
+        assert_eq!(p.single("a"), Param::Repeated);
+        assert_eq!(p.single("b").value(), None);
+        assert_eq!(p.single("c").value(), Some("3"));
+        assert_eq!(p.single("d"), Param::Missing);
+    }
+
+    #[test]
+    fn debug_never_prints_attribute_values() {
+        let mut ex = exchange("/t?client_secret=s3cr3t", &[], "refresh_token=r3fr3sh");
+        ex.set("oauth.refresh_token", "r3fr3sh");
+        let printed = format!("{ex:?}");
+        assert!(printed.contains("oauth.refresh_token"));
+        assert!(!printed.contains("r3fr3sh"));
+        assert!(!printed.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn host_ports_are_stripped() {
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

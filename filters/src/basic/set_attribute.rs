@@ -1,0 +1,49 @@
+//! `set_attribute`: sets a named attribute from a template. Always passes.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::registry::{BuildContext, BuildError, parse};
+use crate::template::Template;
+use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub attribute: String,
+    pub value: String,
+}
+
+struct SetAttribute {
+    attribute: String,
+    value: Template,
+}
+
+pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilter, BuildError> {
+    let c: Config = parse(value)?;
+    if c.attribute.trim().is_empty() {
+        return Err(BuildError::at("attribute", "attribute name must not be empty"));
+    }
+    if c.attribute.starts_with("http.") {
+        return Err(BuildError::at(
+            "attribute",
+            "`http.*` attributes are read from the request and cannot be set",
+        ));
+    }
+    let value = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
+    Ok(Arc::new(SetAttribute {
+        attribute: c.attribute,
+        value,
+    }))
+}
+
+#[async_trait]
+impl Filter for SetAttribute {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        let v = self.value.render(ex);
+        ex.set(self.attribute.clone(), v);
+        Ok(Flow::Pass)
+    }
+}

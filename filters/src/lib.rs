@@ -1,0 +1,139 @@
+//! The filter contract and every filter kind.
+//!
+//! A policy's chain is a graph of filter nodes. The engine hands each node an [`Exchange`] (the
+//! request, the response being built, named attributes) and the node answers with a [`Flow`]:
+//! pass (follow `on_success`), fail (follow `on_failure`, or send the failure's own response),
+//! or respond (short-circuit with a response). `Err(FilterError)` means the filter itself broke
+//! (a store is down): the engine answers 503/500 and counts an exception.
+//!
+//! Adding a kind: one file in this crate with a serde `Config` (`deny_unknown_fields`, defaults
+//! from the product documents) and a `build` function, plus one line in [`registry`].
+
+#![forbid(unsafe_code)]
+
+pub mod attributes;
+pub mod basic;
+pub mod client_auth;
+pub mod client_credentials;
+pub mod oauth;
+pub mod refresh_access_token;
+pub mod registry;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+
+pub use attributes::Exchange;
+pub use registry::{BuildContext, BuildError, Kind, KINDS, find_kind};
+
+/// The response type filters build. The engine turns it into a hyper response.
+pub type Response = http::Response<Bytes>;
+
+/// What a node decided.
+#[derive(Debug)]
+pub enum Flow {
+    /// Follow the node's `on_success` edge (by default the next node).
+    Pass,
+    /// Follow the node's `on_failure` edge; with none, send `Failure::response`.
+    Fail(Failure),
+    /// Stop here and send this response.
+    Respond(Response),
+}
+
+/// A failure: why (stored in the `failure.reason` attribute for the failure path) and the
+/// response the filter would send if the policy has no failure path.
+#[derive(Debug)]
+pub struct Failure {
+    pub reason: String,
+    pub response: Response,
+}
+
+impl Failure {
+    pub fn new(reason: impl Into<String>, response: Response) -> Self {
+        Failure {
+            reason: reason.into(),
+            response,
+        }
+    }
+}
+
+/// The filter itself broke. Never used for bad input: bad input is a [`Flow::Fail`].
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// A dependency (token store, client registry) is unreachable: 503 with `Retry-After`.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected state: 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<store::StoreError> for FilterError {
+    fn from(e: store::StoreError) -> Self {
+        FilterError::Unavailable(e.to_string())
+    }
+}
+
+impl From<store::RegistryError> for FilterError {
+    fn from(e: store::RegistryError) -> Self {
+        FilterError::Unavailable(e.to_string())
+    }
+}
+
+impl FilterError {
+    /// The JSON response the engine sends for this error. The message stays in the log: the
+    /// client learns only that the server is unavailable or broke.
+    pub fn to_response(&self) -> Response {
+        match self {
+            FilterError::Unavailable(_) => {
+                let mut r = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({
+                        "error": "temporarily_unavailable",
+                        "error_description": "a backing store is unavailable; retry shortly",
+                    }),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                no_store(r.headers_mut());
+                r
+            }
+            FilterError::Internal(_) => json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({"error": "server_error"}),
+            ),
+        }
+    }
+}
+
+/// One filter node at run time.
+#[async_trait]
+pub trait Filter: Send + Sync + 'static {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError>;
+}
+
+pub type SharedFilter = Arc<dyn Filter>;
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    let mut r = http::Response::new(Bytes::from(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `Cache-Control: no-store` and `Pragma: no-cache` (RFC 6749 §5.1): on every token answer.
+pub fn no_store(headers: &mut HeaderMap) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// Metadata as configured: name -> value template.
+pub type MetadataConfig = BTreeMap<String, String>;

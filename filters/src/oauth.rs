@@ -1,0 +1,1 @@
+//! Shared OAuth pieces.

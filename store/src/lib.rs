@@ -1,0 +1,253 @@
+//! Token stores and the client application registry.
+//!
+//! Every filter talks to tokens through [`TokenStore`], so a policy can keep its tokens in memory
+//! (moka, the embedded default), in SQLite (durable, one machine) or in PostgreSQL (shared by
+//! many gateway replicas) without any change to the filter. Stores never see a token: they keep
+//! the SHA-256 [`Digest`] of it, so a dump of the cache or the database holds nothing usable.
+//!
+//! Rotation is the one delicate operation: [`TokenStore::rotate`] consumes a refresh token and
+//! writes its successor as one atomic step, so that of N concurrent refreshes of one token
+//! exactly one wins. A consumed token is kept as a tombstone until it expires, which is what
+//! lets a store tell an unknown token from a replayed one (RFC 9700 §4.14.2 reuse detection).
+
+#![forbid(unsafe_code)]
+
+pub mod clients;
+pub mod config;
+pub mod memory;
+pub mod purge;
+pub mod sql;
+pub mod testing;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+pub use clients::{ClientApplication, ClientRegistry, RegistryError};
+pub use config::{StoreConfig, open_store};
+
+/// SHA-256 of a token (or secret). The only form in which a store ever holds a token.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Digest of a token as the client presents it.
+    pub fn of(token: &str) -> Self {
+        Digest(Sha256::digest(token.as_bytes()).into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(bytes).ok().map(Digest)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for Digest {
+    // Eight hex characters are enough to correlate log lines and far too few to be useful to
+    // anyone holding a dump: the full digest stays out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({}…)", &hex::encode(&self.0[..4]))
+    }
+}
+
+/// Seconds since the Unix epoch. Stores compare expiry with this clock, never with a monotonic
+/// one, so that a token's expiry survives restarts and means the same on every replica.
+pub type UnixTime = i64;
+
+pub fn now() -> UnixTime {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Identifies one grant and every token descended from it by rotation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FamilyId(pub u128);
+
+impl FamilyId {
+    pub fn random() -> Self {
+        FamilyId(rand::random())
+    }
+    pub fn to_hex(&self) -> String {
+        format!("{:032x}", self.0)
+    }
+    pub fn from_hex(s: &str) -> Option<Self> {
+        u128::from_str_radix(s, 16).ok().map(FamilyId)
+    }
+}
+
+impl fmt::Debug for FamilyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FamilyId({:032x})", self.0)
+    }
+}
+
+/// What a token grants: who, to which client, which scope, and the operator's metadata.
+/// Shared by the access and refresh tokens of one issue.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Grant {
+    pub client_id: String,
+    /// The resource owner, when there is one (`None` for client credentials).
+    pub subject: Option<String>,
+    /// Space-separated scope tokens, normalised (sorted, deduplicated) by the issuer.
+    pub scope: String,
+    /// Name/value pairs stored with the token (the seeds' "additional meta data").
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A token about to be written: only its digest and its lifetime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewToken {
+    pub digest: Digest,
+    pub expires_at: UnixTime,
+}
+
+/// One issue: an access token, optionally a refresh token, both under the same grant.
+#[derive(Clone, Debug)]
+pub struct Issue {
+    pub grant: Arc<Grant>,
+    pub family: FamilyId,
+    /// 0 for the first issue of a family, +1 at every rotation.
+    pub generation: u32,
+    pub issued_at: UnixTime,
+    pub access: NewToken,
+    pub refresh: Option<NewToken>,
+    /// For idempotent replay (`reuse_grace_secs`): the response that carried this issue,
+    /// sealed with a key derived from the *presented* refresh token (see
+    /// [`Replay`]); the store only keeps the ciphertext.
+    pub replay: Option<Replay>,
+}
+
+/// An encrypted copy of the response that answered a rotation, kept until `until` so that a
+/// client retrying with the same (now consumed) refresh token gets the same pair back. The key
+/// is derived from the presented refresh token, which the store never sees, so the store holds
+/// nothing it could decrypt by itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub sealed: Vec<u8>,
+    pub until: UnixTime,
+}
+
+impl fmt::Debug for Replay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Replay({} bytes, until {})", self.sealed.len(), self.until)
+    }
+}
+
+/// A live access token as looked up (introspection, bearer checks, metadata read-back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessToken {
+    pub grant: Arc<Grant>,
+    pub family: FamilyId,
+    pub issued_at: UnixTime,
+    pub expires_at: UnixTime,
+}
+
+/// The refresh token being consumed, as [`TokenStore::rotate`] hands it to the caller's
+/// decision: the caller checks scope and builds the successor from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefreshToken {
+    pub grant: Arc<Grant>,
+    pub family: FamilyId,
+    pub generation: u32,
+    pub issued_at: UnixTime,
+    pub expires_at: UnixTime,
+}
+
+/// What the caller of [`TokenStore::rotate`] decides once it has seen the token.
+pub enum RotateDecision {
+    /// Consume the token and write this successor (its family and generation are set by the
+    /// store from the consumed token: `generation + 1`).
+    Rotate(Issue),
+    /// Leave the token untouched (e.g. the requested scope is wider than the grant).
+    Reject,
+}
+
+/// How a rotation ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The token was consumed and the successor written, atomically.
+    Rotated { consumed: RefreshToken },
+    /// The decision rejected the token; nothing changed.
+    Rejected,
+    /// No such token, or it expired, or it was revoked.
+    Invalid,
+    /// The token belongs to another client; nothing changed (RFC 6749 §6: bound to its client).
+    WrongClient,
+    /// The token was already consumed by an earlier rotation. When `replay` is set, the token
+    /// is the immediate predecessor of the live one and still inside its grace window: the
+    /// caller may return the sealed response instead of treating this as reuse.
+    AlreadyRotated {
+        family: FamilyId,
+        replay: Option<Replay>,
+    },
+}
+
+/// Store failures. Every one of them is an outage from the client's point of view (503):
+/// a store never reports bad input through this type.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("token store unavailable: {0}")]
+    Unavailable(String),
+    #[error("token store error: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The contract every token store implements. `now` is passed in so that expiry is decided by
+/// the caller's clock in one place and tests can move time.
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// A short name for logs and metrics labels (`memory`, `sqlite`, `postgres`).
+    fn kind(&self) -> &'static str;
+
+    /// Writes a new family (generation 0): an access token and possibly a refresh token.
+    async fn issue(&self, issue: Issue) -> StoreResult<()>;
+
+    /// Looks up an access token. Expired or revoked tokens are `None` even before a purge.
+    async fn access_token(&self, digest: &Digest, now: UnixTime) -> StoreResult<Option<AccessToken>>;
+
+    /// Consumes `presented` and writes the successor chosen by `decide`, as one atomic step:
+    /// of N concurrent calls for one token, exactly one gets `Rotated`. The token must belong
+    /// to `client_id`. `decide` runs while the store holds the token (inside the transaction),
+    /// so it must be quick and must not touch the store.
+    async fn rotate(
+        &self,
+        presented: &Digest,
+        client_id: &str,
+        now: UnixTime,
+        decide: &(dyn Fn(&RefreshToken) -> RotateDecision + Send + Sync),
+    ) -> StoreResult<RotateOutcome>;
+
+    /// Revokes one token (access or refresh). Returns whether a live token was found.
+    async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool>;
+
+    /// Revokes every token of a family (reuse detection). Returns how many live tokens went.
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64>;
+
+    /// Removes expired entries (including tombstones of consumed tokens past their expiry).
+    /// Returns how many entries were removed.
+    async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64>;
+
+    /// Live (unexpired, unconsumed, unrevoked) tokens, access and refresh together.
+    async fn count_live(&self, now: UnixTime) -> StoreResult<u64>;
+
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+pub type SharedStore = Arc<dyn TokenStore>;

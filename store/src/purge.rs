@@ -1,0 +1,1 @@
+//! The purge task: removes expired tokens on the configured interval.

@@ -1,0 +1,1 @@
+//! The contract suite every `TokenStore` must pass (placeholder).
