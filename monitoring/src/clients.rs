@@ -1,0 +1,175 @@
+//! Bounded `client` label values.
+//!
+//! Only client ids registered with [`crate::Monitoring::set_known_clients`] ever become a label
+//! value; every other value (an unknown id, a mistyped id, a token someone put in the client
+//! attribute) is counted as `other`, and a missing client as `anonymous`. Ids get a stable slot
+//! the first time they are registered and keep it for the life of the registry, and there are at
+//! most `max_client_labels` such slots: this is the hard cap on client series, because a series
+//! once exported stays in the registry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+/// Label value for a request without a client identity.
+pub const ANONYMOUS: &str = "anonymous";
+/// Label value for every client id that is not registered (or beyond the cap).
+pub const OTHER: &str = "other";
+/// Default hard cap on distinct registered client label values.
+pub const DEFAULT_MAX_CLIENT_LABELS: usize = 1000;
+/// Longer ids are never used as labels (registry ids are short; a long value is suspicious).
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// A resolved `client` label: a small index, `Copy`, resolved once per request with
+/// [`crate::Monitoring::client`] and then passed to every service or composite recorded for
+/// that request. Only meaningful for the [`crate::Monitoring`] that produced it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientLabel(u32);
+
+impl ClientLabel {
+    /// No client identity on the request.
+    pub const ANONYMOUS: ClientLabel = ClientLabel(0);
+    /// A client id that is not registered (or registered beyond the cap).
+    pub const OTHER: ClientLabel = ClientLabel(1);
+
+    pub(crate) fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+const FIRST_KNOWN: usize = 2;
+
+pub(crate) struct Clients {
+    cap: usize,
+    /// Ids currently registered: read on every resolution, replaced on reload.
+    known: ArcSwap<HashMap<Box<str>, ClientLabel>>,
+    /// Every id that ever got a slot; append-only so slots stay stable across reloads.
+    interned: Mutex<Interner>,
+}
+
+#[derive(Default)]
+struct Interner {
+    by_id: HashMap<Arc<str>, ClientLabel>,
+    names: Vec<Arc<str>>,
+}
+
+impl Clients {
+    pub(crate) fn new(cap: usize) -> Self {
+        Clients {
+            cap,
+            known: ArcSwap::from_pointee(HashMap::new()),
+            interned: Mutex::new(Interner::default()),
+        }
+    }
+
+    /// Number of label slots a usage handle needs: anonymous, other, and the cap.
+    pub(crate) fn slot_count(&self) -> usize {
+        self.cap + FIRST_KNOWN
+    }
+
+    pub(crate) fn resolve(&self, id: Option<&str>) -> ClientLabel {
+        match id {
+            None | Some("") => ClientLabel::ANONYMOUS,
+            Some(id) => self
+                .known
+                .load()
+                .get(id)
+                .copied()
+                .unwrap_or(ClientLabel::OTHER),
+        }
+    }
+
+    /// The label value of a slot (cold path: called once per handle and client).
+    pub(crate) fn label_value(&self, label: ClientLabel) -> Arc<str> {
+        match label.index() {
+            0 => Arc::from(ANONYMOUS),
+            1 => Arc::from(OTHER),
+            i => {
+                let interner = self.interned.lock().unwrap_or_else(|e| e.into_inner());
+                interner
+                    .names
+                    .get(i - FIRST_KNOWN)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from(OTHER))
+            }
+        }
+    }
+
+    /// Replaces the set of registered ids; returns how many of them got a label of their own.
+    pub(crate) fn set_known<S: AsRef<str>>(&self, ids: &[S]) -> usize {
+        let mut interner = self.interned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut known = HashMap::with_capacity(ids.len().min(self.cap));
+        let mut refused = 0usize;
+        for id in ids {
+            let id = id.as_ref();
+            if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
+                refused += 1;
+                continue;
+            }
+            let label = match interner.by_id.get(id) {
+                Some(label) => *label,
+                None if interner.names.len() < self.cap => {
+                    let label = ClientLabel((interner.names.len() + FIRST_KNOWN) as u32);
+                    let id: Arc<str> = Arc::from(id);
+                    interner.names.push(id.clone());
+                    interner.by_id.insert(id, label);
+                    label
+                }
+                None => {
+                    refused += 1;
+                    continue;
+                }
+            };
+            known.insert(Box::from(id), label);
+        }
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                cap = self.cap,
+                "some client ids are counted as \"other\": empty, too long, or beyond the client label cap"
+            );
+        }
+        let labelled = known.len();
+        self.known.store(Arc::new(known));
+        labelled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_missing_clients() {
+        let clients = Clients::new(3);
+        clients.set_known(&["app-1", "app-2"]);
+        assert_eq!(clients.resolve(None), ClientLabel::ANONYMOUS);
+        assert_eq!(clients.resolve(Some("")), ClientLabel::ANONYMOUS);
+        assert_eq!(clients.resolve(Some("nope")), ClientLabel::OTHER);
+        let a = clients.resolve(Some("app-1"));
+        assert_eq!(&*clients.label_value(a), "app-1");
+    }
+
+    #[test]
+    fn slots_are_stable_across_reloads_and_capped() {
+        let clients = Clients::new(3);
+        clients.set_known(&["a", "b"]);
+        let a = clients.resolve(Some("a"));
+        // "a" removed: counted as other; re-added: same slot.
+        clients.set_known(&["b", "c"]);
+        assert_eq!(clients.resolve(Some("a")), ClientLabel::OTHER);
+        assert_eq!(clients.set_known(&["a", "b", "c", "d"]), 3);
+        assert_eq!(clients.resolve(Some("a")), a);
+        // "d" would be the fourth slot: beyond the cap.
+        assert_eq!(clients.resolve(Some("d")), ClientLabel::OTHER);
+    }
+
+    #[test]
+    fn long_ids_are_never_labels() {
+        let clients = Clients::new(10);
+        let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
+        assert_eq!(clients.set_known(&[long.as_str()]), 0);
+        assert_eq!(clients.resolve(Some(&long)), ClientLabel::OTHER);
+    }
+}
