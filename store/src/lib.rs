@@ -143,7 +143,12 @@ pub struct Replay {
 
 impl fmt::Debug for Replay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Replay({} bytes, until {})", self.sealed.len(), self.until)
+        write!(
+            f,
+            "Replay({} bytes, until {})",
+            self.sealed.len(),
+            self.until
+        )
     }
 }
 
@@ -219,18 +224,25 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn issue(&self, issue: Issue) -> StoreResult<()>;
 
     /// Looks up an access token. Expired or revoked tokens are `None` even before a purge.
-    async fn access_token(&self, digest: &Digest, now: UnixTime) -> StoreResult<Option<AccessToken>>;
+    async fn access_token(
+        &self,
+        digest: &Digest,
+        now: UnixTime,
+    ) -> StoreResult<Option<AccessToken>>;
 
     /// Consumes `presented` and writes the successor chosen by `decide`, as one atomic step:
     /// of N concurrent calls for one token, exactly one gets `Rotated`. The token must belong
     /// to `client_id`. `decide` runs while the store holds the token (inside the transaction),
     /// so it must be quick and must not touch the store.
+    ///
+    /// (`for<'a>` is spelt out: `async_trait` would otherwise give the elided `&RefreshToken`
+    /// the lifetime of the whole call, and no store could lend `decide` a token it read.)
     async fn rotate(
         &self,
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn Fn(&RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
     ) -> StoreResult<RotateOutcome>;
 
     /// Revokes one token (access or refresh). Returns whether a live token was found.

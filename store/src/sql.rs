@@ -1,49 +1,849 @@
-//! sqlx store (placeholder until the token-store work lands).
-use async_trait::async_trait;
+//! The SQL store (sqlx): SQLite for a durable store on one machine, PostgreSQL for a store
+//! shared by many gateway replicas. It can also hold the client application registry.
+//!
+//! Both dialects run the same statements (SQLite accepts `$1` placeholders and `RETURNING`);
+//! only the transaction start differs:
+//!
+//! - **SQLite**: WAL, `synchronous=FULL` (a committed rotation survives a power loss, so a
+//!   consumed token cannot come back), and every write transaction starts with
+//!   `BEGIN IMMEDIATE`: sqlx's deferred `BEGIN` upgrades a read snapshot to a write and fails
+//!   with `SQLITE_BUSY_SNAPSHOT` under concurrency (launchbadge/sqlx#853). Writers of one
+//!   process also queue on an async mutex, so they wait in order instead of in SQLite's busy
+//!   handler; `busy_timeout` still covers other processes on the same file.
+//! - **PostgreSQL**: rotation consumes the token with one conditional
+//!   `UPDATE ... WHERE consumed_at IS NULL ... RETURNING` and writes the successor in the same
+//!   transaction. Under READ COMMITTED a second updater of the row waits for the first, then
+//!   re-evaluates the `WHERE` clause and finds nothing, so exactly one caller wins.
+//!
+//! Migrations for both dialects are embedded and applied at connect. Connection and pool
+//! failures become [`StoreError::Unavailable`]; the pool tests connections before handing them
+//! out, so service resumes by itself once the database is back.
 
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection};
+
+use crate::clients::{ClientApplication, ClientRegistry, RegistryError};
+use crate::config::{SqlConfig, expand_env};
 use crate::*;
 
-pub struct SqlStore;
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Rows deleted per statement by the purge, so that a large purge never holds the write lock
+/// (SQLite) or a huge set of row locks (PostgreSQL) for long.
+const PURGE_BATCH: i64 = 5000;
+
+enum Backend {
+    Sqlite {
+        pool: SqlitePool,
+        /// Serialises this process's write transactions (see the module docs).
+        write: tokio::sync::Mutex<()>,
+    },
+    Postgres(PgPool),
+}
+
+/// A token store (and client registry) in SQLite or PostgreSQL.
+pub struct SqlStore {
+    backend: Backend,
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool. The body is compiled once per dialect.
+macro_rules! on_pool {
+    ($self:expr, $pool:ident => $body:expr) => {
+        match &$self.backend {
+            Backend::Sqlite { pool: $pool, .. } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` inside a write transaction `$tx` (`BEGIN IMMEDIATE` on SQLite). The body
+/// commits; dropping the transaction without commit rolls it back.
+macro_rules! in_write_tx {
+    ($self:expr, $map:expr, $tx:ident => $body:expr) => {
+        match &$self.backend {
+            Backend::Sqlite { pool, write } => {
+                let _serial = write.lock().await;
+                #[allow(unused_mut)]
+                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err($map)?;
+                $body
+            }
+            Backend::Postgres(pool) => {
+                #[allow(unused_mut)]
+                let mut $tx = pool.begin().await.map_err($map)?;
+                $body
+            }
+        }
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct AccessRow {
+    client_id: String,
+    subject: Option<String>,
+    scope: String,
+    metadata: String,
+    family: Vec<u8>,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ConsumedRow {
+    client_id: String,
+    subject: Option<String>,
+    scope: String,
+    metadata: String,
+    family: Vec<u8>,
+    generation: i64,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ProbeRow {
+    client_id: String,
+    consumed_at: Option<i64>,
+    revoked: bool,
+    expires_at: i64,
+    family: Vec<u8>,
+    replay: Option<Vec<u8>>,
+    replay_until: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClientRow {
+    client_id: String,
+    name: String,
+    secret_digest: Vec<u8>,
+    enabled: bool,
+    scopes: String,
+    grant_types: String,
+    created_at: i64,
+}
+
+const SELECT_ACCESS: &str = "SELECT client_id, subject, scope, metadata, family, issued_at, expires_at \
+     FROM access_tokens WHERE digest = $1 AND revoked = FALSE AND expires_at > $2";
+
+const CONSUME_REFRESH: &str = "UPDATE refresh_tokens SET consumed_at = $3 \
+     WHERE digest = $1 AND client_id = $2 AND consumed_at IS NULL AND revoked = FALSE \
+       AND expires_at > $3 \
+     RETURNING client_id, subject, scope, metadata, family, generation, issued_at, expires_at";
+
+const PROBE_REFRESH: &str = "SELECT client_id, consumed_at, revoked, expires_at, family, replay, replay_until \
+     FROM refresh_tokens WHERE digest = $1";
+
+const INSERT_ACCESS: &str = "INSERT INTO access_tokens \
+     (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+const INSERT_REFRESH: &str = "INSERT INTO refresh_tokens \
+     (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+const SET_REPLAY: &str =
+    "UPDATE refresh_tokens SET replay = $2, replay_until = $3 WHERE digest = $1";
+
+// Only the immediate predecessor of the live token may replay: rotating generation g clears
+// the replay of every older generation of the family.
+const CLEAR_OLDER_REPLAYS: &str = "UPDATE refresh_tokens SET replay = NULL, replay_until = NULL \
+     WHERE family = $1 AND generation < $2 AND replay IS NOT NULL";
+
+const REVOKE_ACCESS: &str = "UPDATE access_tokens SET revoked = TRUE \
+     WHERE digest = $1 AND revoked = FALSE AND expires_at > $2";
+
+const REVOKE_REFRESH: &str = "UPDATE refresh_tokens SET revoked = TRUE \
+     WHERE digest = $1 AND revoked = FALSE AND consumed_at IS NULL AND expires_at > $2";
+
+// RETURNING whether each row was live, so the count covers live tokens only while consumed
+// tombstones are revoked too (a replay of one then answers Invalid, not reuse again).
+const REVOKE_FAMILY_ACCESS: &str = "UPDATE access_tokens SET revoked = TRUE \
+     WHERE family = $1 AND revoked = FALSE RETURNING expires_at, CAST(NULL AS BIGINT) AS consumed_at";
+
+const REVOKE_FAMILY_REFRESH: &str = "UPDATE refresh_tokens SET revoked = TRUE \
+     WHERE family = $1 AND revoked = FALSE RETURNING expires_at, consumed_at";
+
+const PURGE_ACCESS: &str = "DELETE FROM access_tokens WHERE digest IN \
+     (SELECT digest FROM access_tokens WHERE expires_at <= $1 LIMIT $2)";
+
+const PURGE_REFRESH: &str = "DELETE FROM refresh_tokens WHERE digest IN \
+     (SELECT digest FROM refresh_tokens WHERE expires_at <= $1 LIMIT $2)";
+
+const COUNT_ACCESS: &str =
+    "SELECT COUNT(*) FROM access_tokens WHERE revoked = FALSE AND expires_at > $1";
+
+const COUNT_REFRESH: &str = "SELECT COUNT(*) FROM refresh_tokens \
+     WHERE revoked = FALSE AND consumed_at IS NULL AND expires_at > $1";
+
+#[derive(sqlx::FromRow)]
+struct RevokedRow {
+    expires_at: i64,
+    consumed_at: Option<i64>,
+}
 
 impl SqlStore {
-    pub async fn connect(_c: &crate::config::SqlConfig) -> StoreResult<Self> {
-        Ok(SqlStore)
+    /// Connects to `sqlite://PATH` (the file and its folder are created if missing) or
+    /// `postgres://...`, then applies the embedded migrations. `${NAME}` in the URL is taken
+    /// from the environment. Errors never contain the URL (it may hold a password).
+    pub async fn connect(config: &SqlConfig) -> StoreResult<Self> {
+        let url = expand_env(&config.url).map_err(StoreError::Backend)?;
+        let connect_timeout = Duration::from_secs(config.connect_timeout_secs.max(1));
+        let acquire_timeout = Duration::from_secs(config.acquire_timeout_secs.max(1));
+        let backend = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(&url)
+                .map_err(|_| StoreError::Backend("invalid sqlite URL".into()))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(acquire_timeout);
+            if let Some(dir) = options.get_filename().parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Unavailable(format!("cannot create the sqlite folder: {e}"))
+                })?;
+            }
+            let pool = pool_options(config).connect_lazy_with(options);
+            with_timeout(connect_timeout, SQLITE_MIGRATIONS.run(&pool)).await?;
+            Backend::Sqlite {
+                pool,
+                write: tokio::sync::Mutex::new(()),
+            }
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut options = PgConnectOptions::from_str(&url)
+                .map_err(|_| StoreError::Backend("invalid postgres URL".into()))?;
+            // Name the connections for pg_stat_activity unless the URL (or PGAPPNAME) did.
+            if options.get_application_name().is_none() {
+                options = options.application_name("gateway");
+            }
+            if let Some(schema) = &config.schema {
+                check_schema_name(schema)?;
+                create_schema(&options, schema, connect_timeout).await?;
+                options = options.options([("search_path", schema.as_str())]);
+            }
+            let pool = pool_options(config).connect_lazy_with(options);
+            with_timeout(connect_timeout, POSTGRES_MIGRATIONS.run(&pool)).await?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(StoreError::Backend(
+                "store URL must start with sqlite: or postgres://".into(),
+            ));
+        };
+        Ok(SqlStore { backend })
     }
+
+    /// Closes the pool: waits for checked-out connections to come back, then closes them all.
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await)
+    }
+}
+
+fn pool_options<DB: sqlx::Database>(config: &SqlConfig) -> PoolOptions<DB> {
+    PoolOptions::new()
+        .max_connections(config.max_connections.max(1))
+        .acquire_timeout(Duration::from_secs(config.acquire_timeout_secs.max(1)))
+        // A connection that died while idle (database restarted, connection killed) is
+        // replaced here instead of failing the request that would have used it.
+        .test_before_acquire(true)
+}
+
+async fn with_timeout(
+    limit: Duration,
+    migrate: impl Future<Output = Result<(), sqlx::migrate::MigrateError>>,
+) -> StoreResult<()> {
+    match tokio::time::timeout(limit, migrate).await {
+        Err(_) => Err(StoreError::Unavailable(
+            "database not reachable within the connect timeout".into(),
+        )),
+        Ok(Err(sqlx::migrate::MigrateError::Execute(e))) => Err(map_err(e)),
+        Ok(Err(e)) => Err(StoreError::Backend(format!("migration failed: {e}"))),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+fn check_schema_name(schema: &str) -> StoreResult<()> {
+    let mut chars = schema.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && schema.len() <= 63;
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(
+            "schema must be lowercase letters, digits and _ (at most 63), not starting with a digit"
+                .into(),
+        ))
+    }
+}
+
+async fn create_schema(
+    options: &PgConnectOptions,
+    schema: &str,
+    limit: Duration,
+) -> StoreResult<()> {
+    let work = async {
+        let mut conn = options.connect().await?;
+        // The name was checked to be a plain lowercase identifier, so quoting is enough.
+        let result = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        match result {
+            // Two replicas creating the schema at once: one of them loses the race on the
+            // catalog's unique index, and the schema exists either way.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    };
+    match tokio::time::timeout(limit, work).await {
+        Err(_) => Err(StoreError::Unavailable(
+            "database not reachable within the connect timeout".into(),
+        )),
+        Ok(r) => r.map_err(map_err),
+    }
+}
+
+/// Whether a database error means "try again later" (outage, overload, failover, lost race)
+/// rather than a bug.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.parse::<u32>() {
+                // SQLite primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
+                Ok(n) => matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14),
+                // PostgreSQL SQLSTATE: connection exception, insufficient resources, operator
+                // intervention (shutdown), serialization failure, deadlock, read-only (failover).
+                Err(_) => {
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P")
+                        || code == "40001"
+                        || code == "40P01"
+                        || code == "25006"
+                }
+            }
+        }
+        _ => false,
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    // sqlx messages carry no bound values, so neither digests nor anything else from a request
+    // reaches the error text.
+    if is_transient(&e) {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+fn map_registry_err(e: sqlx::Error) -> RegistryError {
+    if is_transient(&e) {
+        RegistryError::Unavailable(e.to_string())
+    } else {
+        RegistryError::Invalid(e.to_string())
+    }
+}
+
+fn family_bytes(family: FamilyId) -> [u8; 16] {
+    family.0.to_be_bytes()
+}
+
+fn family_from(bytes: &[u8]) -> StoreResult<FamilyId> {
+    <[u8; 16]>::try_from(bytes)
+        .map(|b| FamilyId(u128::from_be_bytes(b)))
+        .map_err(|_| StoreError::Backend("corrupt family id in the token table".into()))
+}
+
+fn grant_from(
+    client_id: String,
+    subject: Option<String>,
+    scope: String,
+    metadata: &str,
+) -> StoreResult<Arc<Grant>> {
+    let metadata: BTreeMap<String, String> = serde_json::from_str(metadata)
+        .map_err(|_| StoreError::Backend("corrupt metadata in the token table".into()))?;
+    Ok(Arc::new(Grant {
+        client_id,
+        subject,
+        scope,
+        metadata,
+    }))
+}
+
+fn metadata_json(grant: &Grant) -> StoreResult<String> {
+    serde_json::to_string(&grant.metadata).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+fn consumed_from(row: ConsumedRow) -> StoreResult<RefreshToken> {
+    Ok(RefreshToken {
+        grant: grant_from(row.client_id, row.subject, row.scope, &row.metadata)?,
+        family: family_from(&row.family)?,
+        generation: u32::try_from(row.generation)
+            .map_err(|_| StoreError::Backend("corrupt generation in the token table".into()))?,
+        issued_at: row.issued_at,
+        expires_at: row.expires_at,
+    })
+}
+
+/// Why a refresh token could not be consumed, from its row (read after the conditional
+/// UPDATE matched nothing).
+fn classify(probe: Option<ProbeRow>, client_id: &str, now: UnixTime) -> StoreResult<RotateOutcome> {
+    let Some(p) = probe else {
+        return Ok(RotateOutcome::Invalid);
+    };
+    if p.revoked || p.expires_at <= now {
+        return Ok(RotateOutcome::Invalid);
+    }
+    if p.client_id != client_id {
+        return Ok(RotateOutcome::WrongClient);
+    }
+    if p.consumed_at.is_some() {
+        let replay = match (p.replay, p.replay_until) {
+            (Some(sealed), Some(until)) if until > now => Some(Replay { sealed, until }),
+            _ => None,
+        };
+        return Ok(RotateOutcome::AlreadyRotated {
+            family: family_from(&p.family)?,
+            replay,
+        });
+    }
+    // Live, right client, unconsumed, yet the UPDATE did not match: only possible if the row
+    // changed between the two statements. Refusing is the safe answer.
+    tracing::debug!("refresh token changed between consume and probe; refused");
+    Ok(RotateOutcome::Invalid)
+}
+
+/// Binds the nine columns shared by both token tables, in INSERT_* order.
+macro_rules! bind_token {
+    ($sql:expr, $token:expr, $grant:expr, $meta:expr, $issued:expr, $family:expr, $gen:expr) => {
+        sqlx::query($sql)
+            .bind($token.digest.as_bytes().as_slice())
+            .bind($grant.client_id.as_str())
+            .bind($grant.subject.as_deref())
+            .bind($grant.scope.as_str())
+            .bind($meta)
+            .bind($issued)
+            .bind($token.expires_at)
+            .bind($family.as_slice())
+            .bind($gen)
+    };
 }
 
 #[async_trait]
 impl TokenStore for SqlStore {
     fn kind(&self) -> &'static str {
-        "sql"
+        match self.backend {
+            Backend::Sqlite { .. } => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
     }
-    async fn issue(&self, _issue: Issue) -> StoreResult<()> {
-        Err(StoreError::Unavailable("not built".into()))
+
+    async fn issue(&self, issue: Issue) -> StoreResult<()> {
+        let meta = metadata_json(&issue.grant)?;
+        let family = family_bytes(issue.family);
+        let generation = i64::from(issue.generation);
+        in_write_tx!(self, map_err, tx => {
+            bind_token!(INSERT_ACCESS, issue.access, issue.grant, &meta, issue.issued_at, family, generation)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            if let Some(refresh) = issue.refresh {
+                bind_token!(INSERT_REFRESH, refresh, issue.grant, &meta, issue.issued_at, family, generation)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+            tx.commit().await.map_err(map_err)
+        })
     }
-    async fn access_token(&self, _d: &Digest, _now: UnixTime) -> StoreResult<Option<AccessToken>> {
-        Err(StoreError::Unavailable("not built".into()))
+
+    async fn access_token(
+        &self,
+        digest: &Digest,
+        now: UnixTime,
+    ) -> StoreResult<Option<AccessToken>> {
+        let row: Option<AccessRow> = on_pool!(self, pool => {
+            sqlx::query_as(SELECT_ACCESS)
+                .bind(digest.as_bytes().as_slice())
+                .bind(now)
+                .fetch_optional(pool)
+                .await
+                .map_err(map_err)?
+        });
+        row.map(|r| {
+            Ok(AccessToken {
+                family: family_from(&r.family)?,
+                grant: grant_from(r.client_id, r.subject, r.scope, &r.metadata)?,
+                issued_at: r.issued_at,
+                expires_at: r.expires_at,
+            })
+        })
+        .transpose()
     }
+
     async fn rotate(
         &self,
-        _p: &Digest,
-        _c: &str,
-        _now: UnixTime,
-        _decide: &(dyn Fn(&RefreshToken) -> RotateDecision + Send + Sync),
+        presented: &Digest,
+        client_id: &str,
+        now: UnixTime,
+        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
     ) -> StoreResult<RotateOutcome> {
-        Err(StoreError::Unavailable("not built".into()))
+        in_write_tx!(self, map_err, tx => {
+            let consumed: Option<ConsumedRow> = sqlx::query_as(CONSUME_REFRESH)
+                .bind(presented.as_bytes().as_slice())
+                .bind(client_id)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            let Some(row) = consumed else {
+                let probe: Option<ProbeRow> = sqlx::query_as(PROBE_REFRESH)
+                    .bind(presented.as_bytes().as_slice())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                // Nothing was written: dropping `tx` rolls back.
+                return classify(probe, client_id, now);
+            };
+            let consumed = consumed_from(row)?;
+            let issue = match decide(&consumed) {
+                // Dropping `tx` rolls the consumption back.
+                RotateDecision::Reject => return Ok(RotateOutcome::Rejected),
+                RotateDecision::Rotate(issue) => issue,
+            };
+            let meta = metadata_json(&issue.grant)?;
+            let family = family_bytes(consumed.family);
+            let generation = i64::from(consumed.generation) + 1;
+            bind_token!(INSERT_ACCESS, issue.access, issue.grant, &meta, issue.issued_at, family, generation)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            if let Some(refresh) = issue.refresh {
+                bind_token!(INSERT_REFRESH, refresh, issue.grant, &meta, issue.issued_at, family, generation)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+            if let Some(replay) = &issue.replay {
+                sqlx::query(SET_REPLAY)
+                    .bind(presented.as_bytes().as_slice())
+                    .bind(replay.sealed.as_slice())
+                    .bind(replay.until)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+            sqlx::query(CLEAR_OLDER_REPLAYS)
+                .bind(family.as_slice())
+                .bind(i64::from(consumed.generation))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            tx.commit().await.map_err(map_err)?;
+            Ok(RotateOutcome::Rotated { consumed })
+        })
     }
-    async fn revoke_token(&self, _d: &Digest) -> StoreResult<bool> {
-        Err(StoreError::Unavailable("not built".into()))
+
+    async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {
+        let now = crate::now();
+        in_write_tx!(self, map_err, tx => {
+            let mut found = sqlx::query(REVOKE_ACCESS)
+                .bind(digest.as_bytes().as_slice())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+            if found == 0 {
+                found = sqlx::query(REVOKE_REFRESH)
+                    .bind(digest.as_bytes().as_slice())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?
+                    .rows_affected();
+            }
+            tx.commit().await.map_err(map_err)?;
+            Ok(found > 0)
+        })
     }
-    async fn revoke_family(&self, _f: FamilyId) -> StoreResult<u64> {
-        Err(StoreError::Unavailable("not built".into()))
+
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+        // Under READ COMMITTED each statement sees a fresh snapshot. A rotation that commits a
+        // new pair while the first UPDATE waits on its row is not in that UPDATE's snapshot,
+        // but the row it waited on was then updated, so the loop runs again and the next
+        // statement sees the new pair. It ends when a statement finds nothing left to revoke;
+        // any later rotation finds its token revoked. (On SQLite the first pass is final.)
+        let now = crate::now();
+        let family = family_bytes(family);
+        in_write_tx!(self, map_err, tx => {
+            let mut live = 0u64;
+            for _ in 0..32 {
+                let mut rows: Vec<RevokedRow> = sqlx::query_as(REVOKE_FAMILY_ACCESS)
+                    .bind(family.as_slice())
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                rows.extend(
+                    sqlx::query_as::<_, RevokedRow>(REVOKE_FAMILY_REFRESH)
+                        .bind(family.as_slice())
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(map_err)?,
+                );
+                if rows.is_empty() {
+                    break;
+                }
+                live += rows
+                    .iter()
+                    .filter(|r| r.consumed_at.is_none() && r.expires_at > now)
+                    .count() as u64;
+            }
+            tx.commit().await.map_err(map_err)?;
+            Ok(live)
+        })
     }
-    async fn purge_expired(&self, _now: UnixTime) -> StoreResult<u64> {
-        Err(StoreError::Unavailable("not built".into()))
+
+    async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
+        let mut removed = 0;
+        for sql in [PURGE_ACCESS, PURGE_REFRESH] {
+            loop {
+                let n = in_write_tx!(self, map_err, tx => {
+                    let n = sqlx::query(sql)
+                        .bind(now)
+                        .bind(PURGE_BATCH)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_err)?
+                        .rows_affected();
+                    tx.commit().await.map_err(map_err)?;
+                    n
+                });
+                removed += n;
+                if n < PURGE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(removed)
     }
-    async fn count_live(&self, _now: UnixTime) -> StoreResult<u64> {
-        Err(StoreError::Unavailable("not built".into()))
+
+    async fn count_live(&self, now: UnixTime) -> StoreResult<u64> {
+        let mut total = 0i64;
+        for sql in [COUNT_ACCESS, COUNT_REFRESH] {
+            let n: i64 = on_pool!(self, pool => {
+                sqlx::query_scalar(sql).bind(now).fetch_one(pool).await.map_err(map_err)?
+            });
+            total += n;
+        }
+        Ok(u64::try_from(total).unwrap_or(0))
     }
+
     async fn ping(&self) -> StoreResult<()> {
+        on_pool!(self, pool => {
+            sqlx::query("SELECT 1").execute(pool).await.map_err(map_err)?;
+        });
         Ok(())
+    }
+}
+
+fn app_from(row: ClientRow) -> Result<ClientApplication, RegistryError> {
+    let corrupt =
+        |what: &str| RegistryError::Invalid(format!("corrupt {what} for a client application"));
+    Ok(ClientApplication {
+        secret_digest: Digest::from_slice(&row.secret_digest)
+            .ok_or_else(|| corrupt("secret digest"))?,
+        scopes: serde_json::from_str(&row.scopes).map_err(|_| corrupt("scopes"))?,
+        grant_types: serde_json::from_str(&row.grant_types).map_err(|_| corrupt("grant types"))?,
+        client_id: row.client_id,
+        name: row.name,
+        enabled: row.enabled,
+        created_at: row.created_at,
+    })
+}
+
+const CLIENT_COLUMNS: &str =
+    "client_id, name, secret_digest, enabled, scopes, grant_types, created_at";
+
+#[async_trait]
+impl ClientRegistry for SqlStore {
+    async fn get(&self, client_id: &str) -> Result<Option<Arc<ClientApplication>>, RegistryError> {
+        let sql = format!("SELECT {CLIENT_COLUMNS} FROM client_applications WHERE client_id = $1");
+        let row: Option<ClientRow> = on_pool!(self, pool => {
+            sqlx::query_as(&sql)
+                .bind(client_id)
+                .fetch_optional(pool)
+                .await
+                .map_err(map_registry_err)?
+        });
+        row.map(|r| app_from(r).map(Arc::new)).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<ClientApplication>, RegistryError> {
+        let sql = format!("SELECT {CLIENT_COLUMNS} FROM client_applications ORDER BY client_id");
+        let rows: Vec<ClientRow> = on_pool!(self, pool => {
+            sqlx::query_as(&sql).fetch_all(pool).await.map_err(map_registry_err)?
+        });
+        rows.into_iter().map(app_from).collect()
+    }
+
+    async fn add(&self, app: ClientApplication) -> Result<(), RegistryError> {
+        let scopes = serde_json::to_string(&app.scopes)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let grant_types = serde_json::to_string(&app.grant_types)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let sql = format!(
+            "INSERT INTO client_applications ({CLIENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        );
+        let result = in_write_tx!(self, map_registry_err, tx => {
+            let r = sqlx::query(&sql)
+                .bind(app.client_id.as_str())
+                .bind(app.name.as_str())
+                .bind(app.secret_digest.as_bytes().as_slice())
+                .bind(app.enabled)
+                .bind(scopes.as_str())
+                .bind(grant_types.as_str())
+                .bind(app.created_at)
+                .execute(&mut *tx)
+                .await;
+            match r {
+                Ok(_) => tx.commit().await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        });
+        match result {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(RegistryError::Invalid(format!(
+                    "a client application with id {:?} already exists",
+                    app.client_id
+                )))
+            }
+            other => other.map_err(map_registry_err),
+        }
+    }
+
+    async fn set_enabled(&self, client_id: &str, enabled: bool) -> Result<(), RegistryError> {
+        let n = in_write_tx!(self, map_registry_err, tx => {
+            let n = sqlx::query("UPDATE client_applications SET enabled = $2 WHERE client_id = $1")
+                .bind(client_id)
+                .bind(enabled)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_registry_err)?
+                .rows_affected();
+            tx.commit().await.map_err(map_registry_err)?;
+            n
+        });
+        if n == 0 {
+            return Err(RegistryError::NotFound(client_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn set_secret(&self, client_id: &str, digest: Digest) -> Result<(), RegistryError> {
+        let n = in_write_tx!(self, map_registry_err, tx => {
+            let n = sqlx::query("UPDATE client_applications SET secret_digest = $2 WHERE client_id = $1")
+                .bind(client_id)
+                .bind(digest.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_registry_err)?
+                .rows_affected();
+            tx.commit().await.map_err(map_registry_err)?;
+            n
+        });
+        if n == 0 {
+            return Err(RegistryError::NotFound(client_id.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(check_schema_name("gw_test_01").is_ok());
+        assert!(check_schema_name("_x").is_ok());
+        for bad in ["", "1abc", "a-b", "a\"; drop", "Upper", &"a".repeat(64)] {
+            assert!(check_schema_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_wrong_client_and_replay_windows() {
+        assert_eq!(classify(None, "a", 10).unwrap(), RotateOutcome::Invalid);
+        let probe = |client: &str, consumed: Option<i64>, revoked, until: Option<i64>| ProbeRow {
+            client_id: client.into(),
+            consumed_at: consumed,
+            revoked,
+            expires_at: 100,
+            family: vec![0; 16],
+            replay: until.map(|_| vec![1, 2, 3]),
+            replay_until: until,
+        };
+        assert_eq!(
+            classify(Some(probe("b", None, false, None)), "a", 10).unwrap(),
+            RotateOutcome::WrongClient
+        );
+        assert_eq!(
+            classify(Some(probe("a", None, true, None)), "a", 10).unwrap(),
+            RotateOutcome::Invalid
+        );
+        assert_eq!(
+            classify(Some(probe("a", Some(5), false, None)), "a", 100).unwrap(),
+            RotateOutcome::Invalid
+        );
+        assert_eq!(
+            classify(Some(probe("a", Some(5), false, Some(20))), "a", 10).unwrap(),
+            RotateOutcome::AlreadyRotated {
+                family: FamilyId(0),
+                replay: Some(Replay {
+                    sealed: vec![1, 2, 3],
+                    until: 20
+                })
+            }
+        );
+        assert_eq!(
+            classify(Some(probe("a", Some(5), false, Some(20))), "a", 20).unwrap(),
+            RotateOutcome::AlreadyRotated {
+                family: FamilyId(0),
+                replay: None
+            }
+        );
+    }
+
+    #[test]
+    fn outages_are_transient() {
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::other(
+            "reset"
+        ))));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+        assert!(matches!(
+            map_err(sqlx::Error::PoolClosed),
+            StoreError::Unavailable(_)
+        ));
     }
 }
