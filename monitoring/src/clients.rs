@@ -8,6 +8,7 @@
 //! once exported stays in the registry.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -40,10 +41,44 @@ impl ClientLabel {
 
 const FIRST_KNOWN: usize = 2;
 
+/// A multiply-rotate hasher (FxHash) for the registered-id map, read on every request. Flooding
+/// is not a concern: the map's keys are the operator's registered ids, so a request value can
+/// only probe existing chains, never lengthen them.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KnownIds = HashMap<Box<str>, ClientLabel, BuildHasherDefault<IdHasher>>;
+
 pub(crate) struct Clients {
     cap: usize,
     /// Ids currently registered: read on every resolution, replaced on reload.
-    known: ArcSwap<HashMap<Box<str>, ClientLabel>>,
+    known: ArcSwap<KnownIds>,
     /// Every id that ever got a slot; append-only so slots stay stable across reloads.
     interned: Mutex<Interner>,
 }
@@ -58,7 +93,7 @@ impl Clients {
     pub(crate) fn new(cap: usize) -> Self {
         Clients {
             cap,
-            known: ArcSwap::from_pointee(HashMap::new()),
+            known: ArcSwap::from_pointee(KnownIds::default()),
             interned: Mutex::new(Interner::default()),
         }
     }
@@ -70,7 +105,8 @@ impl Clients {
 
     pub(crate) fn resolve(&self, id: Option<&str>) -> ClientLabel {
         match id {
-            None | Some("") => ClientLabel::ANONYMOUS,
+            // The engine may pass the label value itself for a request without a client.
+            None | Some("") | Some(ANONYMOUS) => ClientLabel::ANONYMOUS,
             Some(id) => self
                 .known
                 .load()
@@ -99,7 +135,8 @@ impl Clients {
     /// Replaces the set of registered ids; returns how many of them got a label of their own.
     pub(crate) fn set_known<S: AsRef<str>>(&self, ids: &[S]) -> usize {
         let mut interner = self.interned.lock().unwrap_or_else(|e| e.into_inner());
-        let mut known = HashMap::with_capacity(ids.len().min(self.cap));
+        let mut known =
+            KnownIds::with_capacity_and_hasher(ids.len().min(self.cap), Default::default());
         let mut refused = 0usize;
         for id in ids {
             let id = id.as_ref();
@@ -146,6 +183,7 @@ mod tests {
         clients.set_known(&["app-1", "app-2"]);
         assert_eq!(clients.resolve(None), ClientLabel::ANONYMOUS);
         assert_eq!(clients.resolve(Some("")), ClientLabel::ANONYMOUS);
+        assert_eq!(clients.resolve(Some("anonymous")), ClientLabel::ANONYMOUS);
         assert_eq!(clients.resolve(Some("nope")), ClientLabel::OTHER);
         let a = clients.resolve(Some("app-1"));
         assert_eq!(&*clients.label_value(a), "app-1");

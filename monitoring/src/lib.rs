@@ -85,6 +85,7 @@
 
 mod clients;
 mod dashboard;
+mod family;
 pub mod logging;
 mod settings;
 mod store;
@@ -97,8 +98,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub use clients::{ANONYMOUS, ClientLabel, DEFAULT_MAX_CLIENT_LABELS, MAX_CLIENT_ID_LEN, OTHER};
@@ -109,7 +109,8 @@ pub use tokens::{GRANT_TYPES, RefreshOutcome};
 pub use usage::{CompositeMetrics, CompositeScope, NodeMetrics, ServiceMetrics};
 
 use clients::Clients;
-use usage::{OutcomeSeries, UsageFamily, UsageInner};
+use family::{FamilyDef, TimedFamily, ns};
+use usage::{OutcomeSeries, UsageInner};
 
 /// Content type of [`Monitoring::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
@@ -124,6 +125,26 @@ pub const STORE_BUCKETS: [f64; 16] = [
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.5, 1.0, 10.0,
 ];
+
+static DURATION_BUCKETS_NS: [u64; 14] = {
+    let mut out = [0; 14];
+    let mut i = 0;
+    while i < 14 {
+        out[i] = ns(DURATION_BUCKETS[i]);
+        i += 1;
+    }
+    out
+};
+
+static STORE_BUCKETS_NS: [u64; 16] = {
+    let mut out = [0; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = ns(STORE_BUCKETS[i]);
+        i += 1;
+    }
+    out
+};
 
 /// Distinct service, composite, policy-node or store names per kind accepted by the by-name
 /// methods; beyond it everything is recorded under `other`. Names come from configuration, so
@@ -187,10 +208,9 @@ impl Default for MonitoringConfig {
 pub struct Monitoring {
     registry: Registry,
     clients: Arc<Clients>,
-    service_family: UsageFamily,
-    composite_family: UsageFamily,
-    node_requests: IntCounterVec,
-    node_duration: HistogramVec,
+    service_family: TimedFamily,
+    composite_family: TimedFamily,
+    node_family: TimedFamily,
     services: Names<Box<str>, ServiceMetrics>,
     composites: Names<Box<str>, CompositeMetrics>,
     nodes: NodeNames,
@@ -199,7 +219,7 @@ pub struct Monitoring {
     refresh: Vec<IntCounter>,
     store_live: IntGaugeVec,
     store_purged: IntCounterVec,
-    store_ops: HistogramVec,
+    store_ops: TimedFamily,
     in_flight: IntGauge,
     connections: IntGauge,
     reload_ok: IntCounter,
@@ -229,43 +249,42 @@ impl Monitoring {
         // a fresh registry: registration cannot fail unless this function is wrong.
         let reg = Registrar(&registry);
 
-        let service_family = UsageFamily {
-            requests: reg.counter_vec(
+        let service_family = reg.timed(FamilyDef {
+            counter: Some((
                 "gateway_service_requests_total",
                 "Requests per service context, client and outcome.",
-                &["service", "client", "outcome"],
-            ),
-            duration: reg.histogram_vec(
+            )),
+            histogram: (
                 "gateway_service_request_duration_seconds",
                 "Time spent in a service context, by service, client and outcome.",
-                &["service", "client", "outcome"],
-                &DURATION_BUCKETS,
             ),
-        };
-        let composite_family = UsageFamily {
-            requests: reg.counter_vec(
+            label_names: &["service", "client", "outcome"],
+            bounds_ns: &DURATION_BUCKETS_NS,
+        });
+        let composite_family = reg.timed(FamilyDef {
+            counter: Some((
                 "gateway_composite_requests_total",
                 "Runs of a composite service context; it succeeds only if every service inside it succeeds.",
-                &["composite", "client", "outcome"],
-            ),
-            duration: reg.histogram_vec(
+            )),
+            histogram: (
                 "gateway_composite_request_duration_seconds",
-                "Time spent in a composite service context.",
-                &["composite", "client", "outcome"],
-                &DURATION_BUCKETS,
+                "Time spent in a composite service context, by composite, client and outcome.",
             ),
-        };
-        let node_requests = reg.counter_vec(
-            "gateway_node_requests_total",
-            "Runs of a filter node, by policy, node and outcome.",
-            &["policy", "node", "outcome"],
-        );
-        let node_duration = reg.histogram_vec(
-            "gateway_node_duration_seconds",
-            "Time spent in a filter node, by policy, node and outcome.",
-            &["policy", "node", "outcome"],
-            &DURATION_BUCKETS,
-        );
+            label_names: &["composite", "client", "outcome"],
+            bounds_ns: &DURATION_BUCKETS_NS,
+        });
+        let node_family = reg.timed(FamilyDef {
+            counter: Some((
+                "gateway_node_requests_total",
+                "Runs of a filter node, by policy, node and outcome.",
+            )),
+            histogram: (
+                "gateway_node_duration_seconds",
+                "Time spent in a filter node, by policy, node and outcome.",
+            ),
+            label_names: &["policy", "node", "outcome"],
+            bounds_ns: &DURATION_BUCKETS_NS,
+        });
         let issued = reg.counter_vec(
             "gateway_tokens_issued_total",
             "Access tokens issued, by grant type.",
@@ -294,12 +313,15 @@ impl Monitoring {
             "Expired tokens removed from a token store by the purge task.",
             &["store"],
         );
-        let store_ops = reg.histogram_vec(
-            "gateway_store_operation_duration_seconds",
-            "Latency of token store operations, by store and operation.",
-            &["store", "op"],
-            &STORE_BUCKETS,
-        );
+        let store_ops = reg.timed(FamilyDef {
+            counter: None,
+            histogram: (
+                "gateway_store_operation_duration_seconds",
+                "Latency of token store operations, by store and operation.",
+            ),
+            label_names: &["store", "op"],
+            bounds_ns: &STORE_BUCKETS_NS,
+        });
         let in_flight = reg.gauge("gateway_requests_in_flight", "Requests being processed.");
         let connections = reg.gauge(
             "gateway_connections_open",
@@ -327,8 +349,7 @@ impl Monitoring {
             clients: Arc::new(Clients::new(config.max_client_labels)),
             service_family,
             composite_family,
-            node_requests,
-            node_duration,
+            node_family,
             services: Names::default(),
             composites: Names::default(),
             nodes: NodeNames::default(),
@@ -407,8 +428,7 @@ impl Monitoring {
     pub fn node(&self, policy: &str, node: &str) -> NodeMetrics {
         self.nodes.get_or_create(policy, node, |policy, node| {
             NodeMetrics(Arc::new(OutcomeSeries::new(
-                &self.node_requests,
-                &self.node_duration,
+                &self.node_family,
                 &[policy, node],
             )))
         })
@@ -488,7 +508,7 @@ impl Monitoring {
     }
 
     /// Counts one request in flight until the guard is dropped (also on panic or cancellation).
-    pub fn in_flight(&self) -> GaugeGuard {
+    pub fn in_flight(&self) -> GaugeGuard<'_> {
         GaugeGuard::new(&self.in_flight)
     }
 
@@ -503,7 +523,7 @@ impl Monitoring {
     }
 
     /// Counts one open connection until the guard is dropped.
-    pub fn connection(&self) -> GaugeGuard {
+    pub fn connection(&self) -> GaugeGuard<'_> {
         GaugeGuard::new(&self.connections)
     }
 
@@ -519,16 +539,16 @@ impl Monitoring {
 
 /// Increments a gauge now and decrements it on drop.
 #[must_use = "the gauge is decremented when the guard is dropped"]
-pub struct GaugeGuard(IntGauge);
+pub struct GaugeGuard<'a>(&'a IntGauge);
 
-impl GaugeGuard {
-    fn new(gauge: &IntGauge) -> Self {
+impl<'a> GaugeGuard<'a> {
+    fn new(gauge: &'a IntGauge) -> Self {
         gauge.inc();
-        GaugeGuard(gauge.clone())
+        GaugeGuard(gauge)
     }
 }
 
-impl Drop for GaugeGuard {
+impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -568,15 +588,8 @@ impl Registrar<'_> {
         self.add(IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge"))
     }
 
-    fn histogram_vec(
-        &self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-        buckets: &[f64],
-    ) -> HistogramVec {
-        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-        self.add(HistogramVec::new(opts, labels).expect("valid histogram"))
+    fn timed(&self, def: FamilyDef) -> TimedFamily {
+        self.add(TimedFamily::new(def).expect("valid histogram family"))
     }
 }
 

@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramVec, IntCounter, IntGauge};
+use prometheus::{IntCounter, IntGauge};
 
 use crate::clients::OTHER;
+use crate::family::{Cell, TimedFamily};
 
 /// Distinct `op` label values per store; further operation names are counted as `other`.
 pub const MAX_STORE_OPS: usize = 32;
@@ -21,8 +22,8 @@ struct StoreInner {
     name: Box<str>,
     live: IntGauge,
     purged: IntCounter,
-    op_family: HistogramVec,
-    ops: RwLock<HashMap<Box<str>, Histogram>>,
+    op_family: TimedFamily,
+    ops: RwLock<HashMap<Box<str>, Arc<Cell>>>,
 }
 
 impl StoreMetrics {
@@ -30,7 +31,7 @@ impl StoreMetrics {
         name: &str,
         live: IntGauge,
         purged: IntCounter,
-        op_family: HistogramVec,
+        op_family: TimedFamily,
     ) -> Self {
         StoreMetrics(Arc::new(StoreInner {
             name: Box::from(name),
@@ -58,14 +59,14 @@ impl StoreMetrics {
     /// Observes one operation's latency. `op` should be a fixed name from code (`get`,
     /// `insert`, `rotate`, ...); for the hottest operations prefer [`StoreMetrics::op_handle`].
     pub fn op(&self, op: &str, elapsed: Duration) {
-        if let Some(h) = self.read_op(op) {
-            h.observe(elapsed.as_secs_f64());
+        if let Some(cell) = self.read_op(op) {
+            cell.observe(elapsed);
             return;
         }
         self.op_handle(op).record(elapsed);
     }
 
-    fn read_op(&self, op: &str) -> Option<Histogram> {
+    fn read_op(&self, op: &str) -> Option<Arc<Cell>> {
         let ops = self.0.ops.read().unwrap_or_else(|e| e.into_inner());
         ops.get(op).cloned()
     }
@@ -83,7 +84,7 @@ impl StoreMetrics {
         };
         let h = ops
             .entry(Box::from(key))
-            .or_insert_with(|| self.0.op_family.with_label_values(&[&*self.0.name, key]))
+            .or_insert_with(|| self.0.op_family.cell(&[&self.0.name, key]))
             .clone();
         StoreOpMetrics(h)
     }
@@ -91,11 +92,11 @@ impl StoreMetrics {
 
 /// The latency histogram of one store operation.
 #[derive(Clone)]
-pub struct StoreOpMetrics(Histogram);
+pub struct StoreOpMetrics(Arc<Cell>);
 
 impl StoreOpMetrics {
     #[inline]
     pub fn record(&self, elapsed: Duration) {
-        self.0.observe(elapsed.as_secs_f64());
+        self.0.observe(elapsed);
     }
 }

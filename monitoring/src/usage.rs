@@ -3,60 +3,39 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
-
 use crate::Outcome;
 use crate::clients::{ClientLabel, Clients};
+use crate::family::{Cell, TimedFamily};
 
-/// The three series (one per outcome) of a counter + histogram pair, fetched once.
-pub(crate) struct OutcomeSeries {
-    requests: [IntCounter; 3],
-    duration: [Histogram; 3],
-}
+/// The three series (one per outcome) of a family, fetched once.
+pub(crate) struct OutcomeSeries([Arc<Cell>; 3]);
 
 impl OutcomeSeries {
     /// `labels` are the leading label values; the outcome is appended as the last one.
-    pub(crate) fn new(requests: &IntCounterVec, duration: &HistogramVec, labels: &[&str]) -> Self {
-        let fetch = |o: Outcome| {
+    pub(crate) fn new(family: &TimedFamily, labels: &[&str]) -> Self {
+        OutcomeSeries(Outcome::ALL.map(|o| {
             let mut values: Vec<&str> = labels.to_vec();
             values.push(o.as_str());
-            (
-                requests.with_label_values(&values),
-                duration.with_label_values(&values),
-            )
-        };
-        let [(r0, d0), (r1, d1), (r2, d2)] = Outcome::ALL.map(fetch);
-        OutcomeSeries {
-            requests: [r0, r1, r2],
-            duration: [d0, d1, d2],
-        }
+            family.cell(&values)
+        }))
     }
 
     #[inline]
     pub(crate) fn record(&self, outcome: Outcome, elapsed: Duration) {
-        let i = outcome.index();
-        self.requests[i].inc();
-        self.duration[i].observe(elapsed.as_secs_f64());
+        self.0[outcome.index()].observe(elapsed);
     }
-}
-
-/// A counter + histogram family labelled `(<kind>, client, outcome)`.
-#[derive(Clone)]
-pub(crate) struct UsageFamily {
-    pub(crate) requests: IntCounterVec,
-    pub(crate) duration: HistogramVec,
 }
 
 pub(crate) struct UsageInner {
     name: Box<str>,
-    family: UsageFamily,
+    family: TimedFamily,
     clients: Arc<Clients>,
     /// Indexed by [`ClientLabel`]; filled lazily, once per client.
     slots: Box<[OnceLock<Box<OutcomeSeries>>]>,
 }
 
 impl UsageInner {
-    pub(crate) fn new(name: &str, family: &UsageFamily, clients: &Arc<Clients>) -> Self {
+    pub(crate) fn new(name: &str, family: &TimedFamily, clients: &Arc<Clients>) -> Self {
         let slots = (0..clients.slot_count()).map(|_| OnceLock::new()).collect();
         let inner = UsageInner {
             name: Box::from(name),
@@ -78,11 +57,7 @@ impl UsageInner {
         };
         self.slots[client.index()].get_or_init(|| {
             let value = self.clients.label_value(client);
-            Box::new(OutcomeSeries::new(
-                &self.family.requests,
-                &self.family.duration,
-                &[&self.name, &value],
-            ))
+            Box::new(OutcomeSeries::new(&self.family, &[&self.name, &value]))
         })
     }
 
@@ -94,7 +69,7 @@ impl UsageInner {
 
 /// One service context (a policy, or a `service` name set in YAML): obtain it once at build
 /// time with [`crate::Monitoring::service`], then record each request with no allocation and
-/// no lock (two atomic updates after the first request of a client).
+/// no lock (two relaxed atomic additions once the client's series exist).
 #[derive(Clone)]
 pub struct ServiceMetrics(pub(crate) Arc<UsageInner>);
 
