@@ -130,9 +130,8 @@ impl Exchange {
 
     /// The query string, parsed on first use.
     pub fn query(&self) -> &Params {
-        self.query.get_or_init(|| {
-            Params::parse(self.request.uri.query().unwrap_or("").as_bytes())
-        })
+        self.query
+            .get_or_init(|| Params::parse(self.request.uri.query().unwrap_or("").as_bytes()))
     }
 
     /// The body as a form, parsed on first use; empty unless the request says
@@ -153,7 +152,10 @@ impl Exchange {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+            .is_some_and(|v| {
+                v.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
     }
 
     pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) {
@@ -210,7 +212,10 @@ impl Exchange {
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
-        return host.split_once(']').map(|(h, _)| &host[..h.len() + 1]).unwrap_or(host);
+        return host
+            .split_once(']')
+            .map(|(h, _)| &host[..h.len() + 1])
+            .unwrap_or(host);
     }
     host.rsplit_once(':')
         .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
@@ -252,7 +257,10 @@ mod tests {
             "/a/b?x=1&y=2",
             &[
                 ("host", "api.example.com:8443"),
-                ("content-type", "application/x-www-form-urlencoded; charset=utf-8"),
+                (
+                    "content-type",
+                    "application/x-www-form-urlencoded; charset=utf-8",
+                ),
                 ("x-team", "core"),
             ],
             "grant_type=refresh_token&scope=a+b",

@@ -1,1 +1,211 @@
-//! Client authentication.
+//! "Application validation": find the client's credentials in the message, check them against
+//! the client application registry, and (for the grant filters) the requested scope.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use store::clients::{ClientApplication, SharedRegistry};
+
+use crate::attributes::Param;
+use crate::oauth::{ErrorCode, OAuthError};
+use crate::registry::{BuildContext, BuildError};
+use crate::{Exchange, FilterError};
+
+/// "Find client application information from message".
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialsIn {
+    /// HTTP Basic (`client_secret_basic`); the default.
+    #[default]
+    AuthorizationHeader,
+    /// Form fields (`client_secret_post`).
+    FormBody,
+    /// Query parameters: RFC 6749 §2.3.1 forbids it; accepted only when configured.
+    QueryString,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApplicationValidationConfig {
+    pub client_credentials_in: CredentialsIn,
+    pub client_id_field: String,
+    pub client_secret_field: String,
+    /// Check the requested scope against the application's registered scopes.
+    pub validate_scopes: bool,
+}
+
+impl Default for ApplicationValidationConfig {
+    fn default() -> Self {
+        ApplicationValidationConfig {
+            client_credentials_in: CredentialsIn::AuthorizationHeader,
+            client_id_field: "client_id".into(),
+            client_secret_field: "client_secret".into(),
+            validate_scopes: true,
+        }
+    }
+}
+
+pub struct ApplicationValidation {
+    pub config: ApplicationValidationConfig,
+    registry: SharedRegistry,
+}
+
+impl ApplicationValidation {
+    pub fn build(
+        config: ApplicationValidationConfig,
+        cx: &BuildContext,
+    ) -> Result<Self, BuildError> {
+        let registry = cx.registry("application_validation")?;
+        if config.client_credentials_in == CredentialsIn::QueryString {
+            cx.warn(
+                "application_validation.client_credentials_in",
+                "client credentials in the query string violate RFC 6749 §2.3.1 (they end up in access logs and proxies); use authorization_header or form_body",
+            );
+        }
+        for (field, v) in [
+            ("client_id_field", &config.client_id_field),
+            ("client_secret_field", &config.client_secret_field),
+        ] {
+            if v.trim().is_empty() {
+                return Err(BuildError::at(
+                    &format!("application_validation.{field}"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(ApplicationValidation { config, registry })
+    }
+
+    /// Authenticates the client. `Ok(Err(_))` is the OAuth error to answer; `Err(_)` means the
+    /// registry could not be read.
+    pub async fn authenticate(
+        &self,
+        ex: &Exchange,
+    ) -> Result<Result<Arc<ClientApplication>, OAuthError>, FilterError> {
+        let basic = self.config.client_credentials_in == CredentialsIn::AuthorizationHeader;
+        let invalid = |d: &'static str| {
+            let mut e = OAuthError::new(ErrorCode::InvalidClient, d);
+            e.basic_challenge = basic;
+            e
+        };
+        let has_header = ex.headers().contains_key(http::header::AUTHORIZATION);
+        let (id, secret) = match self.config.client_credentials_in {
+            CredentialsIn::AuthorizationHeader => {
+                if ex.form().first(&self.config.client_secret_field).is_some() {
+                    return Ok(Err(OAuthError::new(
+                        ErrorCode::InvalidRequest,
+                        "client credentials must be sent in the Authorization header only",
+                    )));
+                }
+                let Some(v) = ex.headers().get(http::header::AUTHORIZATION) else {
+                    return Ok(Err(invalid("client authentication required (HTTP Basic)")));
+                };
+                match parse_basic(v.as_bytes()) {
+                    Some(pair) => pair,
+                    None => return Ok(Err(invalid("malformed Basic credentials"))),
+                }
+            }
+            CredentialsIn::FormBody | CredentialsIn::QueryString => {
+                if has_header {
+                    return Ok(Err(OAuthError::new(
+                        ErrorCode::InvalidRequest,
+                        "use one client authentication method, not several",
+                    )));
+                }
+                let params = if self.config.client_credentials_in == CredentialsIn::FormBody {
+                    ex.form()
+                } else {
+                    ex.query()
+                };
+                let id = params.single(&self.config.client_id_field);
+                let secret = params.single(&self.config.client_secret_field);
+                if id == Param::Repeated || secret == Param::Repeated {
+                    return Ok(Err(OAuthError::new(
+                        ErrorCode::InvalidRequest,
+                        "repeated client credential parameter",
+                    )));
+                }
+                match (id.value(), secret.value()) {
+                    (Some(i), Some(s)) => (i.to_owned(), s.to_owned()),
+                    _ => return Ok(Err(invalid("client authentication required"))),
+                }
+            }
+        };
+        let Some(app) = self.registry.get(&id).await? else {
+            return Ok(Err(invalid("client authentication failed")));
+        };
+        // Verify even for a disabled client, so both answers cost the same.
+        let secret_ok = app.verify_secret(&secret);
+        if !secret_ok || !app.enabled {
+            return Ok(Err(invalid("client authentication failed")));
+        }
+        Ok(Ok(app))
+    }
+}
+
+/// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1 form-encodes both).
+pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let id = form_decode(id)?;
+    let secret = form_decode(secret)?;
+    if id.is_empty() {
+        return None;
+    }
+    Some((id, secret))
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    // form_urlencoded decodes `+` as space and %XX; parse one pseudo-pair to reuse it.
+    let input = format!("v={s}");
+    form_urlencoded::parse(input.as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let h = format!("Basic {}", b64("my%20app:p%3Ass+word"));
+        assert_eq!(
+            parse_basic(h.as_bytes()),
+            Some(("my app".into(), "p:ss word".into()))
+        );
+        let h = format!("basic {}", b64("id:sec:ret"));
+        assert_eq!(
+            parse_basic(h.as_bytes()),
+            Some(("id".into(), "sec:ret".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_basic_is_refused() {
+        assert_eq!(parse_basic(b"Bearer abc"), None);
+        assert_eq!(parse_basic(b"Basic !!!"), None);
+        assert_eq!(
+            parse_basic(format!("Basic {}", b64("nocolon")).as_bytes()),
+            None
+        );
+        assert_eq!(
+            parse_basic(format!("Basic {}", b64(":secret")).as_bytes()),
+            None
+        );
+        assert_eq!(parse_basic(b"Basic"), None);
+    }
+}

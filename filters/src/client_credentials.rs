@@ -1,7 +1,225 @@
-//! `client_credentials` (placeholder until the refresh issue).
-use crate::registry::{BuildContext, BuildError};
-use crate::SharedFilter;
+//! `client_credentials`: the OAuth 2.0 client credentials grant (RFC 6749 §4.4), with the same
+//! application validation and access-token settings as `refresh_access_token`. With
+//! `include_refresh_token: true` (default false, as RFC 6749 §4.4.3 advises) it also issues a
+//! refresh token, so machine clients can use the refresh grant.
+//!
+//! ```yaml
+//! - name: issue
+//!   type: client_credentials
+//!   application_validation: { client_credentials_in: authorization_header }
+//!   access_token: { store: tokens, expiry_secs: 3600, length: 54, type: Bearer }
+//!   include_refresh_token: true
+//!   refresh_token: { expiry_secs: 43200, length: 46 }
+//! ```
 
-pub fn build(_value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilter, BuildError> {
-    Err(BuildError::at("", "client_credentials is not built yet"))
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use store::{Digest, FamilyId, Grant, Issue, NewToken, SharedStore};
+
+use crate::attributes::Param;
+use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig};
+use crate::monitor::{FilterMonitor, MonitoringConfig};
+use crate::oauth::{
+    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_expiry, check_length,
+    join_scope, parse_scope,
+};
+use crate::registry::{BuildContext, BuildError, parse};
+use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshSettings {
+    pub expiry_secs: u64,
+    pub length: usize,
+}
+
+impl Default for RefreshSettings {
+    fn default() -> Self {
+        RefreshSettings {
+            expiry_secs: 43_200,
+            length: 46,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub application_validation: ApplicationValidationConfig,
+    pub access_token: AccessTokenConfig,
+    pub include_refresh_token: bool,
+    pub refresh_token: RefreshSettings,
+    pub monitoring: MonitoringConfig,
+}
+
+struct ClientCredentials {
+    validation: ApplicationValidation,
+    store: SharedStore,
+    access: AccessTokenConfig,
+    include_refresh_token: bool,
+    refresh: RefreshSettings,
+    metadata: Metadata,
+    monitor: FilterMonitor,
+}
+
+pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter, BuildError> {
+    let c: Config = parse(value)?;
+    check_length("access_token.length", c.access_token.length)?;
+    check_expiry("access_token.expiry_secs", c.access_token.expiry_secs)?;
+    if c.include_refresh_token {
+        check_length("refresh_token.length", c.refresh_token.length)?;
+        check_expiry("refresh_token.expiry_secs", c.refresh_token.expiry_secs)?;
+    }
+    let store = cx.store("access_token.store", &c.access_token.store)?;
+    let metadata = Metadata::build("access_token.metadata", &c.access_token.metadata)?;
+    let validation = ApplicationValidation::build(c.application_validation, cx)?;
+    Ok(Arc::new(ClientCredentials {
+        validation,
+        store,
+        access: c.access_token,
+        include_refresh_token: c.include_refresh_token,
+        refresh: c.refresh_token,
+        metadata,
+        monitor: FilterMonitor::new(c.monitoring, cx),
+    }))
+}
+
+impl ClientCredentials {
+    fn fail(&self, ex: &mut Exchange, e: OAuthError) -> Flow {
+        ex.set("oauth.error", e.code.as_str());
+        Flow::Fail(e.into_failure())
+    }
+
+    async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        if !ex.is_form() {
+            let e = OAuthError::new(
+                ErrorCode::InvalidRequest,
+                "expected an application/x-www-form-urlencoded body",
+            );
+            return Ok(self.fail(ex, e));
+        }
+        match ex.form().single("grant_type") {
+            Param::Value("client_credentials") => {}
+            Param::Value(v) if !v.is_empty() => {
+                let e = OAuthError::new(
+                    ErrorCode::UnsupportedGrantType,
+                    "this endpoint serves grant_type=client_credentials",
+                );
+                return Ok(self.fail(ex, e));
+            }
+            Param::Repeated => {
+                return Ok(self.fail(
+                    ex,
+                    OAuthError::new(ErrorCode::InvalidRequest, "grant_type is repeated"),
+                ));
+            }
+            _ => {
+                return Ok(self.fail(
+                    ex,
+                    OAuthError::new(ErrorCode::InvalidRequest, "grant_type is missing"),
+                ));
+            }
+        }
+        let app = match self.validation.authenticate(ex).await? {
+            Ok(app) => app,
+            Err(e) => return Ok(self.fail(ex, e)),
+        };
+        ex.set("oauth.client_id", app.client_id.clone());
+        ex.set(
+            self.monitor.config.client_attribute.clone(),
+            app.client_id.clone(),
+        );
+        if !app.allows_grant("client_credentials") {
+            let e = OAuthError::new(
+                ErrorCode::UnauthorizedClient,
+                "this client may not use the client_credentials grant",
+            );
+            return Ok(self.fail(ex, e));
+        }
+        let scope = match ex.form().single("scope") {
+            Param::Repeated => {
+                return Ok(self.fail(
+                    ex,
+                    OAuthError::new(ErrorCode::InvalidRequest, "scope is repeated"),
+                ));
+            }
+            p => match p.value() {
+                // No scope asked: everything the application is registered for.
+                None => join_scope(
+                    app.scopes
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<std::collections::BTreeSet<_>>(),
+                ),
+                Some(s) => {
+                    let wanted = parse_scope(s);
+                    let ok = oauth::valid_scope(s)
+                        && !wanted.is_empty()
+                        && (!self.validation.config.validate_scopes
+                            || wanted.iter().all(|w| app.has_scope(w)));
+                    if !ok {
+                        let e = OAuthError::new(
+                            ErrorCode::InvalidScope,
+                            "the requested scope is not registered for this client",
+                        );
+                        return Ok(self.fail(ex, e));
+                    }
+                    join_scope(wanted)
+                }
+            },
+        };
+        let now = store::now();
+        let mut metadata = BTreeMap::new();
+        self.metadata.render_into(ex, &mut metadata);
+        let access = oauth::generate_token(self.access.length);
+        let refresh = self
+            .include_refresh_token
+            .then(|| oauth::generate_token(self.refresh.length));
+        let issue = Issue {
+            grant: Arc::new(Grant {
+                client_id: app.client_id.clone(),
+                subject: Some(app.client_id.clone()),
+                scope: scope.clone(),
+                metadata,
+            }),
+            family: FamilyId::random(),
+            generation: 0,
+            issued_at: now,
+            access: NewToken {
+                digest: Digest::of(&access),
+                expires_at: now + self.access.expiry_secs as i64,
+            },
+            refresh: refresh.as_ref().map(|r| NewToken {
+                digest: Digest::of(r),
+                expires_at: now + self.refresh.expiry_secs as i64,
+            }),
+            replay: None,
+        };
+        self.store.issue(issue).await?;
+        ex.set("oauth.scope", scope.clone());
+        if self.monitor.enabled() {
+            self.monitor.metrics.token_issued("client_credentials");
+        }
+        Ok(Flow::Respond(oauth::token_response(
+            &access,
+            &self.access.token_type,
+            self.access.expiry_secs,
+            refresh.as_deref(),
+            &scope,
+        )))
+    }
+}
+
+#[async_trait]
+impl Filter for ClientCredentials {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        let started = Instant::now();
+        let flow = self.grant(ex).await;
+        self.monitor.record(ex, &flow, started);
+        flow
+    }
 }

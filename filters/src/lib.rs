@@ -15,6 +15,7 @@ pub mod attributes;
 pub mod basic;
 pub mod client_auth;
 pub mod client_credentials;
+pub mod monitor;
 pub mod oauth;
 pub mod refresh_access_token;
 pub mod registry;
@@ -28,7 +29,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 pub use attributes::Exchange;
-pub use registry::{BuildContext, BuildError, Kind, KINDS, find_kind};
+pub use registry::{BuildContext, BuildError, KINDS, Kind, find_kind};
 
 /// The response type filters build. The engine turns it into a hyper response.
 pub type Response = http::Response<Bytes>;

@@ -1,1 +1,251 @@
-//! Shared OAuth pieces.
+//! What the OAuth filters share: RFC 6749 §5.2 error responses, §5.1 token responses, token
+//! generation, scopes, and the access-token settings of the product documents.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use rand::distr::{Alphanumeric, SampleString};
+use serde::Deserialize;
+
+use crate::registry::BuildError;
+use crate::template::Template;
+use crate::{Exchange, Failure, Response, no_store};
+
+/// RFC 6749 §5.2 error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidGrant,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+    InvalidScope,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidClient => "invalid_client",
+            ErrorCode::InvalidGrant => "invalid_grant",
+            ErrorCode::UnauthorizedClient => "unauthorized_client",
+            ErrorCode::UnsupportedGrantType => "unsupported_grant_type",
+            ErrorCode::InvalidScope => "invalid_scope",
+        }
+    }
+}
+
+/// An OAuth error as the token endpoint answers it.
+#[derive(Debug)]
+pub struct OAuthError {
+    pub code: ErrorCode,
+    pub description: &'static str,
+    /// The client authenticated (or was asked to) with HTTP Basic: a 401 carries
+    /// `WWW-Authenticate: Basic` (RFC 6749 §5.2).
+    pub basic_challenge: bool,
+}
+
+impl OAuthError {
+    pub fn new(code: ErrorCode, description: &'static str) -> Self {
+        OAuthError {
+            code,
+            description,
+            basic_challenge: false,
+        }
+    }
+
+    pub fn response(&self) -> Response {
+        let status = match self.code {
+            ErrorCode::InvalidClient => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let body =
+            serde_json::json!({"error": self.code.as_str(), "error_description": self.description});
+        let mut r = crate::json_response(status, &body);
+        no_store(r.headers_mut());
+        if self.code == ErrorCode::InvalidClient && self.basic_challenge {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"oauth\", charset=\"UTF-8\""),
+            );
+        }
+        r
+    }
+
+    /// The failure a filter returns: the reason (the error code) goes to `failure.reason`.
+    pub fn into_failure(self) -> Failure {
+        let response = self.response();
+        Failure::new(self.code.as_str(), response)
+    }
+}
+
+/// A fresh token: `len` alphanumeric characters from the thread-local CSPRNG (ChaCha, seeded
+/// from the operating system and reseeded periodically).
+pub fn generate_token(len: usize) -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), len)
+}
+
+/// A scope as a set of scope tokens (RFC 6749 §3.3: space-delimited, case-sensitive).
+pub fn parse_scope(s: &str) -> BTreeSet<&str> {
+    s.split(' ').filter(|t| !t.is_empty()).collect()
+}
+
+/// `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`.
+pub fn valid_scope(s: &str) -> bool {
+    s.split(' ').filter(|t| !t.is_empty()).all(|t| {
+        t.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
+    })
+}
+
+pub fn join_scope<'a>(set: impl IntoIterator<Item = &'a str>) -> String {
+    set.into_iter().collect::<Vec<_>>().join(" ")
+}
+
+/// The RFC 6749 §5.1 success response.
+pub fn token_response(
+    access_token: &str,
+    token_type: &str,
+    expires_in: u64,
+    refresh_token: Option<&str>,
+    scope: &str,
+) -> Response {
+    let mut body = serde_json::json!({
+        "access_token": access_token,
+        "token_type": token_type,
+        "expires_in": expires_in,
+    });
+    if let Some(rt) = refresh_token {
+        body["refresh_token"] = rt.into();
+    }
+    if !scope.is_empty() {
+        body["scope"] = scope.into();
+    }
+    token_response_from_body(Bytes::from(body.to_string()))
+}
+
+pub fn token_response_from_body(body: Bytes) -> Response {
+    let mut r = http::Response::new(body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    no_store(r.headers_mut());
+    r
+}
+
+/// "Access token settings" of the product documents.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessTokenConfig {
+    /// The named token store ("Access Token will be stored here").
+    pub store: String,
+    pub expiry_secs: u64,
+    pub length: usize,
+    #[serde(rename = "type")]
+    pub token_type: String,
+    /// Name/value pairs stored with the token; values may be `${attribute}` templates.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Default for AccessTokenConfig {
+    fn default() -> Self {
+        AccessTokenConfig {
+            store: "tokens".into(),
+            expiry_secs: 3600,
+            length: 54,
+            token_type: "Bearer".into(),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// Token lengths below this are refused: 22 alphanumeric characters carry about 131 bits.
+pub const MIN_TOKEN_LENGTH: usize = 22;
+pub const MAX_TOKEN_LENGTH: usize = 512;
+
+pub fn check_length(path: &str, len: usize) -> Result<(), BuildError> {
+    if (MIN_TOKEN_LENGTH..=MAX_TOKEN_LENGTH).contains(&len) {
+        Ok(())
+    } else {
+        Err(BuildError::at(
+            path,
+            format!("{len} is outside {MIN_TOKEN_LENGTH}..={MAX_TOKEN_LENGTH} characters"),
+        ))
+    }
+}
+
+pub fn check_expiry(path: &str, secs: u64) -> Result<(), BuildError> {
+    // Ten years: beyond that an expiry is a typo (and overflows nothing we rely on).
+    if secs == 0 || secs > 10 * 365 * 86_400 {
+        Err(BuildError::at(
+            path,
+            format!("{secs} s is not a usable lifetime (1 s to 10 years)"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Metadata templates, parsed once.
+pub struct Metadata(Vec<(String, Template)>);
+
+impl Metadata {
+    pub fn build(path: &str, config: &BTreeMap<String, String>) -> Result<Self, BuildError> {
+        let mut v = Vec::new();
+        for (k, t) in config {
+            let t = Template::parse(t).map_err(|m| BuildError::at(&format!("{path}.{k}"), m))?;
+            v.push((k.clone(), t));
+        }
+        Ok(Metadata(v))
+    }
+
+    /// Renders into `into`, overriding names already there (token values win).
+    pub fn render_into(&self, ex: &Exchange, into: &mut BTreeMap<String, String>) {
+        for (k, t) in &self.0 {
+            into.insert(k.clone(), t.render(ex));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_alphanumeric_of_the_asked_length_and_distinct() {
+        let a = generate_token(54);
+        let b = generate_token(54);
+        assert_eq!(a.len(), 54);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn scope_syntax() {
+        assert!(valid_scope("read write:all"));
+        assert!(!valid_scope("read \"quoted\""));
+        assert!(!valid_scope("caf\u{e9}"));
+        assert_eq!(join_scope(parse_scope("b  a b")), "a b");
+    }
+
+    #[test]
+    fn invalid_client_with_basic_carries_the_challenge() {
+        let mut e = OAuthError::new(ErrorCode::InvalidClient, "x");
+        e.basic_challenge = true;
+        let r = e.response();
+        assert_eq!(r.status(), 401);
+        assert!(
+            r.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .starts_with("Basic")
+        );
+        assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(r.headers()[header::PRAGMA], "no-cache");
+        let r = OAuthError::new(ErrorCode::InvalidGrant, "x").response();
+        assert_eq!(r.status(), 400);
+        assert!(r.headers().get(header::WWW_AUTHENTICATE).is_none());
+    }
+}

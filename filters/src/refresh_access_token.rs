@@ -1,7 +1,413 @@
-//! `refresh_access_token` (placeholder until the refresh issue).
-use crate::registry::{BuildContext, BuildError};
-use crate::SharedFilter;
+//! `refresh_access_token`: the OAuth 2.0 refresh-token grant (RFC 6749 §6), as the product
+//! documents describe the "Refresh Access Token" filter.
+//!
+//! ```yaml
+//! - name: refresh
+//!   type: refresh_access_token
+//!   application_validation:
+//!     client_credentials_in: authorization_header   # | form_body | query_string
+//!     client_id_field: client_id
+//!     client_secret_field: client_secret
+//!     validate_scopes: true
+//!   access_token:
+//!     store: tokens
+//!     expiry_secs: 3600
+//!     length: 54
+//!     type: Bearer
+//!     metadata: { Department: Engineering }
+//!   refresh_token: { generate: true, expiry_secs: 43200, length: 46, reuse_grace_secs: 0 }
+//!   monitoring: { enabled: true, client_attribute: authentication.subject.id, composite_context: false }
+//! ```
+//!
+//! The presented refresh token is consumed in one atomic store step whether or not a new one is
+//! generated. Presenting it again is reuse (RFC 9700 §4.14.2): the whole token family is
+//! revoked and the filter fails with `refresh.reuse_detected` set, so a policy can branch on
+//! it. With `reuse_grace_secs`, a retry with the immediately previous token inside the window
+//! gets back the very response that was issued (sealed in the store under a key derived from
+//! that token), so a client that lost the response is not stranded.
 
-pub fn build(_value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilter, BuildError> {
-    Err(BuildError::at("", "refresh_access_token is not built yet"))
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use store::{Digest, Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcome, SharedStore};
+
+use crate::attributes::Param;
+use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig};
+use crate::monitor::{FilterMonitor, MonitoringConfig};
+use crate::oauth::{
+    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_expiry, check_length,
+    join_scope, parse_scope,
+};
+use crate::registry::{BuildContext, BuildError, parse};
+use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
+
+/// "Refresh Token Details".
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshTokenConfig {
+    /// Generate a new refresh token (a new pair) or an access token only. The presented
+    /// refresh token is removed either way.
+    pub generate: bool,
+    pub expiry_secs: u64,
+    pub length: usize,
+    /// 0 (default): any second use is reuse. Otherwise a retry with the immediately previous
+    /// token within this many seconds gets the same response back.
+    pub reuse_grace_secs: u64,
+}
+
+impl Default for RefreshTokenConfig {
+    fn default() -> Self {
+        RefreshTokenConfig {
+            generate: true,
+            expiry_secs: 43_200,
+            length: 46,
+            reuse_grace_secs: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub application_validation: ApplicationValidationConfig,
+    pub access_token: AccessTokenConfig,
+    pub refresh_token: RefreshTokenConfig,
+    pub monitoring: MonitoringConfig,
+}
+
+struct RefreshAccessToken {
+    validation: ApplicationValidation,
+    store: SharedStore,
+    access: AccessTokenConfig,
+    refresh: RefreshTokenConfig,
+    metadata: Metadata,
+    monitor: FilterMonitor,
+}
+
+pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter, BuildError> {
+    let c: Config = parse(value)?;
+    check_length("access_token.length", c.access_token.length)?;
+    check_expiry("access_token.expiry_secs", c.access_token.expiry_secs)?;
+    if c.refresh_token.generate {
+        check_length("refresh_token.length", c.refresh_token.length)?;
+        check_expiry("refresh_token.expiry_secs", c.refresh_token.expiry_secs)?;
+    }
+    if c.refresh_token.reuse_grace_secs > 300 {
+        return Err(BuildError::at(
+            "refresh_token.reuse_grace_secs",
+            "at most 300 s: a longer window weakens reuse detection",
+        ));
+    }
+    if c.access_token.token_type.trim().is_empty() {
+        return Err(BuildError::at("access_token.type", "must not be empty"));
+    }
+    let store = cx.store("access_token.store", &c.access_token.store)?;
+    let metadata = Metadata::build("access_token.metadata", &c.access_token.metadata)?;
+    let validation = ApplicationValidation::build(c.application_validation, cx)?;
+    Ok(Arc::new(RefreshAccessToken {
+        validation,
+        store,
+        access: c.access_token,
+        refresh: c.refresh_token,
+        metadata,
+        monitor: FilterMonitor::new(c.monitoring, cx),
+    }))
+}
+
+/// The plaintext of a rotation's new tokens, handed out of the store's decision.
+struct Minted {
+    access: String,
+    refresh: Option<String>,
+    scope: String,
+}
+
+fn replay_key(presented: &str) -> Key {
+    // A different derivation from the lookup digest (plain SHA-256), so the store's own
+    // column cannot open the sealed response.
+    let mut h = Sha256::new();
+    h.update(b"gateway refresh replay v1\0");
+    h.update(presented.as_bytes());
+    Key::from(<[u8; 32]>::from(h.finalize()))
+}
+
+fn seal(presented: &str, body: &[u8]) -> Option<Vec<u8>> {
+    let nonce: [u8; 12] = rand::random();
+    let ct = ChaCha20Poly1305::new(&replay_key(presented))
+        .encrypt(Nonce::from_slice(&nonce), body)
+        .ok()?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&ct);
+    Some(out)
+}
+
+fn open(presented: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < 12 {
+        return None;
+    }
+    let (nonce, ct) = sealed.split_at(12);
+    ChaCha20Poly1305::new(&replay_key(presented))
+        .decrypt(Nonce::from_slice(nonce), ct)
+        .ok()
+}
+
+impl RefreshAccessToken {
+    fn fail(&self, ex: &mut Exchange, e: OAuthError, outcome: &str) -> Flow {
+        ex.set("oauth.error", e.code.as_str());
+        self.count(outcome);
+        Flow::Fail(e.into_failure())
+    }
+
+    fn count(&self, outcome: &str) {
+        if self.monitor.enabled() {
+            self.monitor.metrics.refresh_outcome(outcome);
+        }
+    }
+
+    async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        if !ex.is_form() {
+            let e = OAuthError::new(
+                ErrorCode::InvalidRequest,
+                "expected an application/x-www-form-urlencoded body",
+            );
+            return Ok(self.fail(ex, e, "invalid_request"));
+        }
+        match ex.form().single("grant_type") {
+            Param::Value("refresh_token") => {}
+            Param::Value(v) if !v.is_empty() => {
+                let e = OAuthError::new(
+                    ErrorCode::UnsupportedGrantType,
+                    "this endpoint serves grant_type=refresh_token",
+                );
+                return Ok(self.fail(ex, e, "unsupported_grant_type"));
+            }
+            Param::Repeated => {
+                let e = OAuthError::new(ErrorCode::InvalidRequest, "grant_type is repeated");
+                return Ok(self.fail(ex, e, "invalid_request"));
+            }
+            _ => {
+                let e = OAuthError::new(ErrorCode::InvalidRequest, "grant_type is missing");
+                return Ok(self.fail(ex, e, "invalid_request"));
+            }
+        }
+        let app = match self.validation.authenticate(ex).await? {
+            Ok(app) => app,
+            Err(e) => {
+                let outcome = e.code.as_str();
+                return Ok(self.fail(ex, e, outcome));
+            }
+        };
+        ex.set("oauth.client_id", app.client_id.clone());
+        ex.set(
+            self.monitor.config.client_attribute.clone(),
+            app.client_id.clone(),
+        );
+        if !app.allows_grant("refresh_token") {
+            let e = OAuthError::new(
+                ErrorCode::UnauthorizedClient,
+                "this client may not use the refresh_token grant",
+            );
+            return Ok(self.fail(ex, e, "unauthorized_client"));
+        }
+        let presented = match ex.form().single("refresh_token") {
+            Param::Repeated => {
+                let e = OAuthError::new(ErrorCode::InvalidRequest, "refresh_token is repeated");
+                return Ok(self.fail(ex, e, "invalid_request"));
+            }
+            p => match p.value() {
+                Some(v) => v.to_owned(),
+                None => {
+                    let e = OAuthError::new(ErrorCode::InvalidRequest, "refresh_token is missing");
+                    return Ok(self.fail(ex, e, "invalid_request"));
+                }
+            },
+        };
+        let requested: Option<String> = match ex.form().single("scope") {
+            Param::Repeated => {
+                let e = OAuthError::new(ErrorCode::InvalidRequest, "scope is repeated");
+                return Ok(self.fail(ex, e, "invalid_request"));
+            }
+            p => p.value().map(str::to_owned),
+        };
+        if requested.as_deref().is_some_and(|s| !oauth::valid_scope(s)) {
+            let e = OAuthError::new(ErrorCode::InvalidScope, "malformed scope");
+            return Ok(self.fail(ex, e, "invalid_scope"));
+        }
+
+        let now = store::now();
+        let mut metadata_extra = BTreeMap::new();
+        self.metadata.render_into(ex, &mut metadata_extra);
+        let minted: Mutex<Option<Minted>> = Mutex::new(None);
+        let validate_registered = self.validation.config.validate_scopes;
+        let decide = |old: &store::RefreshToken| -> RotateDecision {
+            let granted = parse_scope(&old.grant.scope);
+            let scope = match &requested {
+                None => old.grant.scope.clone(),
+                Some(r) => {
+                    let wanted = parse_scope(r);
+                    // RFC 6749 §6: never beyond the original grant; with validate_scopes,
+                    // never beyond what the application is registered for today.
+                    let within_grant = wanted.is_subset(&granted);
+                    let within_app =
+                        !validate_registered || wanted.iter().all(|s| app.has_scope(s));
+                    if !within_grant || !within_app || wanted.is_empty() {
+                        return RotateDecision::Reject;
+                    }
+                    join_scope(wanted)
+                }
+            };
+            let mut metadata = old.grant.metadata.clone();
+            metadata.extend(metadata_extra.clone());
+            let access = oauth::generate_token(self.access.length);
+            let refresh = self
+                .refresh
+                .generate
+                .then(|| oauth::generate_token(self.refresh.length));
+            let grant = Arc::new(Grant {
+                client_id: old.grant.client_id.clone(),
+                subject: old.grant.subject.clone(),
+                scope: scope.clone(),
+                metadata,
+            });
+            let replay = (self.refresh.reuse_grace_secs > 0)
+                .then(|| {
+                    let body = oauth::token_response(
+                        &access,
+                        &self.access.token_type,
+                        self.access.expiry_secs,
+                        refresh.as_deref(),
+                        &scope,
+                    );
+                    seal(&presented, body.body())
+                })
+                .flatten()
+                .map(|sealed| Replay {
+                    sealed,
+                    until: now + self.refresh.reuse_grace_secs as i64,
+                });
+            let issue = Issue {
+                grant,
+                family: old.family,
+                generation: old.generation + 1,
+                issued_at: now,
+                access: NewToken {
+                    digest: Digest::of(&access),
+                    expires_at: now + self.access.expiry_secs as i64,
+                },
+                refresh: refresh.as_ref().map(|r| NewToken {
+                    digest: Digest::of(r),
+                    expires_at: now + self.refresh.expiry_secs as i64,
+                }),
+                replay,
+            };
+            *minted.lock().expect("minted lock") = Some(Minted {
+                access,
+                refresh,
+                scope,
+            });
+            RotateDecision::Rotate(issue)
+        };
+        let digest = Digest::of(&presented);
+        let outcome = self
+            .store
+            .rotate(&digest, &app.client_id, now, &decide)
+            .await?;
+        match outcome {
+            RotateOutcome::Rotated { .. } => {
+                let Some(m) = minted.lock().expect("minted lock").take() else {
+                    return Err(FilterError::Internal(
+                        "store rotated without a decision".into(),
+                    ));
+                };
+                ex.set("oauth.scope", m.scope.clone());
+                self.count("ok");
+                if self.monitor.enabled() {
+                    self.monitor.metrics.token_issued("refresh_token");
+                }
+                Ok(Flow::Respond(oauth::token_response(
+                    &m.access,
+                    &self.access.token_type,
+                    self.access.expiry_secs,
+                    m.refresh.as_deref(),
+                    &m.scope,
+                )))
+            }
+            RotateOutcome::Rejected => {
+                let e = OAuthError::new(
+                    ErrorCode::InvalidScope,
+                    "the requested scope exceeds the original grant or the client's registered scopes",
+                );
+                Ok(self.fail(ex, e, "invalid_scope"))
+            }
+            RotateOutcome::Invalid | RotateOutcome::WrongClient => {
+                let e = OAuthError::new(
+                    ErrorCode::InvalidGrant,
+                    "the refresh token is invalid, expired or revoked",
+                );
+                Ok(self.fail(ex, e, "invalid_grant"))
+            }
+            RotateOutcome::AlreadyRotated { family, replay } => {
+                if self.refresh.reuse_grace_secs > 0
+                    && let Some(r) = replay.filter(|r| r.until > now)
+                    && let Some(body) = open(&presented, &r.sealed)
+                {
+                    self.count("replayed");
+                    return Ok(Flow::Respond(oauth::token_response_from_body(Bytes::from(
+                        body,
+                    ))));
+                }
+                // Reuse: the family is compromised. The revocation must be written before we
+                // answer; if the store fails, the error (503) goes out instead.
+                let revoked = self.store.revoke_family(family).await?;
+                tracing::warn!(client_id = %app.client_id, family = ?family, revoked, "refresh token reuse detected; token family revoked");
+                ex.set("refresh.reuse_detected", "true");
+                let e = OAuthError::new(
+                    ErrorCode::InvalidGrant,
+                    "the refresh token was already used",
+                );
+                let flow = self.fail(ex, e, "reuse_detected");
+                if let Flow::Fail(mut f) = flow {
+                    f.reason = "reuse_detected".into();
+                    return Ok(Flow::Fail(f));
+                }
+                Ok(flow)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Filter for RefreshAccessToken {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        let started = Instant::now();
+        let flow = self.grant(ex).await;
+        self.monitor.record(ex, &flow, started);
+        if flow.is_err() {
+            self.count("error");
+        }
+        flow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_responses_open_only_with_the_presented_token() {
+        let sealed = seal("old-refresh-token", b"{\"access_token\":\"x\"}").unwrap();
+        assert!(!sealed.windows(14).any(|w| w == b"\"access_token\""));
+        assert_eq!(
+            open("old-refresh-token", &sealed).unwrap(),
+            b"{\"access_token\":\"x\"}"
+        );
+        assert!(open("another-token", &sealed).is_none());
+        assert!(open("old-refresh-token", &sealed[..5]).is_none());
+    }
 }

@@ -19,12 +19,30 @@ pub struct Kind {
 
 /// Every kind the engine knows. Adding a kind: one line here.
 pub static KINDS: &[Kind] = &[
-    Kind { name: "compare_attribute", build: crate::basic::compare_attribute::build },
-    Kind { name: "set_attribute", build: crate::basic::set_attribute::build },
-    Kind { name: "set_header", build: crate::basic::set_header::build },
-    Kind { name: "set_response", build: crate::basic::set_response::build },
-    Kind { name: "refresh_access_token", build: crate::refresh_access_token::build },
-    Kind { name: "client_credentials", build: crate::client_credentials::build },
+    Kind {
+        name: "compare_attribute",
+        build: crate::basic::compare_attribute::build,
+    },
+    Kind {
+        name: "set_attribute",
+        build: crate::basic::set_attribute::build,
+    },
+    Kind {
+        name: "set_header",
+        build: crate::basic::set_header::build,
+    },
+    Kind {
+        name: "set_response",
+        build: crate::basic::set_response::build,
+    },
+    Kind {
+        name: "refresh_access_token",
+        build: crate::refresh_access_token::build,
+    },
+    Kind {
+        name: "client_credentials",
+        build: crate::client_credentials::build,
+    },
 ];
 
 pub fn find_kind(name: &str) -> Option<&'static Kind> {
@@ -44,7 +62,9 @@ pub struct BuildContext<'a> {
 
 impl BuildContext<'_> {
     pub fn warn(&self, path: &str, message: impl Into<String>) {
-        self.warnings.borrow_mut().push(BuildError::at(path, message));
+        self.warnings
+            .borrow_mut()
+            .push(BuildError::at(path, message));
     }
 
     pub fn store(&self, path: &str, name: &str) -> Result<SharedStore, BuildError> {

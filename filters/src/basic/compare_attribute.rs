@@ -43,13 +43,17 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
     let test = match (c.equals, c.one_of, c.matches) {
         (Some(v), None, None) => Test::Equals(v),
         (None, Some(vs), None) if !vs.is_empty() => Test::OneOf(vs),
-        (None, Some(_), None) => return Err(BuildError::at("one_of", "must list at least one value")),
+        (None, Some(_), None) => {
+            return Err(BuildError::at("one_of", "must list at least one value"));
+        }
         (None, None, Some(re)) => {
             let re = regex::RegexBuilder::new(&re)
                 .case_insensitive(c.case_insensitive)
                 .size_limit(1 << 20)
                 .build()
-                .map_err(|e| BuildError::at("matches", format!("invalid regular expression: {e}")))?;
+                .map_err(|e| {
+                    BuildError::at("matches", format!("invalid regular expression: {e}"))
+                })?;
             Test::Matches(re)
         }
         _ => {

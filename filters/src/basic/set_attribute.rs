@@ -24,7 +24,10 @@ struct SetAttribute {
 pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilter, BuildError> {
     let c: Config = parse(value)?;
     if c.attribute.trim().is_empty() {
-        return Err(BuildError::at("attribute", "attribute name must not be empty"));
+        return Err(BuildError::at(
+            "attribute",
+            "attribute name must not be empty",
+        ));
     }
     if c.attribute.starts_with("http.") {
         return Err(BuildError::at(

@@ -23,7 +23,8 @@ pub enum Target {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub name: String,
+    /// The header name (`name` is the node's own name).
+    pub header: String,
     pub value: String,
     #[serde(default)]
     pub target: Target,
@@ -42,13 +43,19 @@ struct SetHeader {
 
 pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilter, BuildError> {
     let c: Config = parse(value)?;
-    let name = HeaderName::from_bytes(c.name.as_bytes())
-        .map_err(|_| BuildError::at("name", format!("{:?} is not a valid header name", c.name)))?;
+    let name = HeaderName::from_bytes(c.header.as_bytes()).map_err(|_| {
+        BuildError::at(
+            "header",
+            format!("{:?} is not a valid header name", c.header),
+        )
+    })?;
     let value = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
     let constant = if value.is_constant() {
-        Some(HeaderValue::from_str(&c.value.replace("$${", "${")).map_err(|_| {
-            BuildError::at("value", "not a valid header value (control characters?)")
-        })?)
+        Some(
+            HeaderValue::from_str(&c.value.replace("$${", "${")).map_err(|_| {
+                BuildError::at("value", "not a valid header value (control characters?)")
+            })?,
+        )
     } else {
         None
     };

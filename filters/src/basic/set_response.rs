@@ -42,7 +42,12 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
     let status = StatusCode::from_u16(c.status)
         .ok()
         .filter(|s| (200..=599).contains(&s.as_u16()))
-        .ok_or_else(|| BuildError::at("status", format!("{} is not an HTTP status (200..599)", c.status)))?;
+        .ok_or_else(|| {
+            BuildError::at(
+                "status",
+                format!("{} is not an HTTP status (200..599)", c.status),
+            )
+        })?;
     let mut headers = Vec::new();
     if let Some(ct) = &c.content_type {
         headers.push(("content-type".to_owned(), ct.clone()));
@@ -51,15 +56,16 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
     let headers = headers
         .into_iter()
         .map(|(n, v)| {
-            let name = HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
-                BuildError::at(&format!("headers.{n}"), "not a valid header name")
-            })?;
+            let name = HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| BuildError::at(&format!("headers.{n}"), "not a valid header name"))?;
             let t = Template::parse(&v).map_err(|m| BuildError::at(&format!("headers.{n}"), m))?;
             Ok((name, t))
         })
         .collect::<Result<Vec<_>, BuildError>>()?;
     let body = Template::parse(&c.body).map_err(|m| BuildError::at("body", m))?;
-    let constant_body = body.is_constant().then(|| Bytes::from(body_literal(&c.body)));
+    let constant_body = body
+        .is_constant()
+        .then(|| Bytes::from(body_literal(&c.body)));
     Ok(Arc::new(SetResponse {
         status,
         headers,
@@ -102,7 +108,9 @@ impl Filter for SetResponse {
                 Ok(v) => {
                     resp.headers_mut().insert(name.clone(), v);
                 }
-                Err(_) => tracing::warn!(header = %name, "rendered header value is not valid; header not set"),
+                Err(_) => {
+                    tracing::warn!(header = %name, "rendered header value is not valid; header not set")
+                }
             }
         }
         Ok(Flow::Respond(resp))

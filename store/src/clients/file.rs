@@ -1,1 +1,312 @@
-//! The YAML-file client registry.
+//! The client registry as a YAML file (the default).
+//!
+//! `gateway clients ...` writes the file (to a temporary file, then an atomic rename); a
+//! running gateway notices the change within a second (it compares the file's modification
+//! time and size at most once a second) and reloads it. A file that does not parse is
+//! refused: the previous content keeps serving and a warning is logged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{ClientApplication, ClientRegistry, RegistryError};
+use crate::Digest;
+
+const RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileContent {
+    #[serde(default)]
+    applications: Vec<ClientApplication>,
+}
+
+type Apps = HashMap<String, Arc<ClientApplication>>;
+
+struct State {
+    apps: Arc<Apps>,
+    stamp: Option<(SystemTime, u64)>,
+    checked: Instant,
+}
+
+pub struct FileRegistry {
+    path: Option<PathBuf>,
+    state: RwLock<State>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn read(path: &Path) -> Result<Apps, RegistryError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Apps::new()),
+        Err(e) => {
+            return Err(RegistryError::Unavailable(format!(
+                "{}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let content: FileContent = if text.trim().is_empty() {
+        FileContent::default()
+    } else {
+        serde_yaml::from_str(&text)
+            .map_err(|e| RegistryError::Invalid(format!("{}: {e}", path.display())))?
+    };
+    let mut apps = Apps::new();
+    for a in content.applications {
+        if apps.contains_key(&a.client_id) {
+            return Err(RegistryError::Invalid(format!(
+                "{}: client id {:?} appears twice",
+                path.display(),
+                a.client_id
+            )));
+        }
+        apps.insert(a.client_id.clone(), Arc::new(a));
+    }
+    Ok(apps)
+}
+
+impl FileRegistry {
+    /// Opens the registry at `path`. A missing file is an empty registry (it is created by the
+    /// first `gateway clients add`); a file that does not parse is an error.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let apps = read(path)?;
+        Ok(FileRegistry {
+            path: Some(path.to_owned()),
+            state: RwLock::new(State {
+                apps: Arc::new(apps),
+                stamp: stamp(path),
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// A registry with no file behind it (for `gateway check` and tests).
+    pub fn in_memory() -> Self {
+        FileRegistry {
+            path: None,
+            state: RwLock::new(State {
+                apps: Arc::new(Apps::new()),
+                stamp: None,
+                checked: Instant::now(),
+            }),
+        }
+    }
+
+    fn current(&self) -> Arc<Apps> {
+        let Some(path) = &self.path else {
+            return self.state.read().expect("registry lock").apps.clone();
+        };
+        {
+            let s = self.state.read().expect("registry lock");
+            if s.checked.elapsed() < RECHECK {
+                return s.apps.clone();
+            }
+        }
+        let mut s = self.state.write().expect("registry lock");
+        if s.checked.elapsed() >= RECHECK {
+            s.checked = Instant::now();
+            let now = stamp(path);
+            if now != s.stamp {
+                match read(path) {
+                    Ok(apps) => {
+                        tracing::info!(path = %path.display(), clients = apps.len(), "client registry reloaded");
+                        s.apps = Arc::new(apps);
+                        s.stamp = now;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "client registry not reloaded; previous content kept")
+                    }
+                }
+            }
+        }
+        s.apps.clone()
+    }
+
+    /// Applies `change` to the latest content of the file and writes it back atomically.
+    fn modify(
+        &self,
+        change: impl FnOnce(&mut Vec<ClientApplication>) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut s = self.state.write().expect("registry lock");
+        let mut list: Vec<ClientApplication> = match &self.path {
+            Some(p) => read(p)?.into_values().map(|a| (*a).clone()).collect(),
+            None => s.apps.values().map(|a| (**a).clone()).collect(),
+        };
+        list.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.client_id.cmp(&b.client_id))
+        });
+        change(&mut list)?;
+        if let Some(path) = &self.path {
+            let content = FileContent {
+                applications: list.clone(),
+            };
+            let text = format!(
+                "# Client application registry, written by `gateway clients`.\n# Secrets are stored as SHA-256 digests only.\n{}",
+                serde_yaml::to_string(&content)
+                    .map_err(|e| RegistryError::Invalid(e.to_string()))?
+            );
+            let tmp = path.with_extension("yaml.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| RegistryError::Unavailable(format!("{}: {e}", path.display())))?;
+            s.stamp = stamp(path);
+        }
+        s.apps = Arc::new(
+            list.into_iter()
+                .map(|a| (a.client_id.clone(), Arc::new(a)))
+                .collect(),
+        );
+        s.checked = Instant::now();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ClientRegistry for FileRegistry {
+    async fn get(&self, client_id: &str) -> Result<Option<Arc<ClientApplication>>, RegistryError> {
+        Ok(self.current().get(client_id).cloned())
+    }
+
+    async fn list(&self) -> Result<Vec<ClientApplication>, RegistryError> {
+        let mut v: Vec<ClientApplication> =
+            self.current().values().map(|a| (**a).clone()).collect();
+        v.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.client_id.cmp(&b.client_id))
+        });
+        Ok(v)
+    }
+
+    async fn add(&self, app: ClientApplication) -> Result<(), RegistryError> {
+        self.modify(|list| {
+            if list.iter().any(|a| a.client_id == app.client_id) {
+                return Err(RegistryError::Invalid(format!(
+                    "client id {:?} exists",
+                    app.client_id
+                )));
+            }
+            list.push(app);
+            Ok(())
+        })
+    }
+
+    async fn set_enabled(&self, client_id: &str, enabled: bool) -> Result<(), RegistryError> {
+        self.modify(|list| {
+            let a = list
+                .iter_mut()
+                .find(|a| a.client_id == client_id)
+                .ok_or_else(|| RegistryError::NotFound(client_id.to_owned()))?;
+            a.enabled = enabled;
+            Ok(())
+        })
+    }
+
+    async fn set_secret(&self, client_id: &str, digest: Digest) -> Result<(), RegistryError> {
+        self.modify(|list| {
+            let a = list
+                .iter_mut()
+                .find(|a| a.client_id == client_id)
+                .ok_or_else(|| RegistryError::NotFound(client_id.to_owned()))?;
+            a.secret_digest = digest;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clients::{generate_client_id, generate_secret};
+
+    fn app(secret: &str) -> ClientApplication {
+        ClientApplication {
+            client_id: generate_client_id(),
+            name: "billing".into(),
+            secret_digest: Digest::of(secret),
+            enabled: true,
+            scopes: vec!["read".into(), "write".into()],
+            grant_types: vec!["refresh_token".into()],
+            created_at: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn add_write_reopen_and_see_changes_from_another_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clients.yaml");
+        let gateway = FileRegistry::open(&path).unwrap();
+        assert!(gateway.list().await.unwrap().is_empty());
+
+        let secret = generate_secret();
+        let a = app(&secret);
+        // Another process (the CLI) writes the file.
+        let cli = FileRegistry::open(&path).unwrap();
+        cli.add(a.clone()).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains(&secret),
+            "the secret itself must never be written"
+        );
+        assert!(text.contains(&format!("sha256:{}", Digest::of(&secret).to_hex())));
+
+        // The gateway sees it once its recheck interval has passed.
+        gateway.state.write().unwrap().checked -= RECHECK;
+        let got = gateway
+            .get(&a.client_id)
+            .await
+            .unwrap()
+            .expect("client visible");
+        assert!(got.verify_secret(&secret));
+        assert!(!got.verify_secret("wrong"));
+
+        cli.set_enabled(&a.client_id, false).await.unwrap();
+        gateway.state.write().unwrap().checked -= RECHECK;
+        assert!(!gateway.get(&a.client_id).await.unwrap().unwrap().enabled);
+
+        assert!(matches!(
+            cli.set_enabled("nope", true).await,
+            Err(RegistryError::NotFound(_))
+        ));
+        assert!(
+            cli.add(a.clone()).await.is_err(),
+            "duplicate ids are refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_file_keeps_the_previous_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clients.yaml");
+        let r = FileRegistry::open(&path).unwrap();
+        let a = app("s");
+        r.add(a.clone()).await.unwrap();
+        std::fs::write(&path, "applications: [ {client_id: x, unknown_key: 1} ]\n").unwrap();
+        r.state.write().unwrap().checked -= RECHECK;
+        assert!(r.get(&a.client_id).await.unwrap().is_some());
+        assert!(
+            FileRegistry::open(&path).is_err(),
+            "opening a broken file is an error"
+        );
+    }
+
+    #[test]
+    fn generated_secrets_are_long_and_distinct() {
+        let a = generate_secret();
+        let b = generate_secret();
+        assert_eq!(a.len(), 48);
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+    }
+}

@@ -1,0 +1,316 @@
+//! A policy set built into something that serves: stores opened, filters built, routes indexed.
+//!
+//! A [`Runtime`] is immutable. Hot reload builds a new one beside the old (reusing the stores
+//! whose settings did not change, so tokens survive) and swaps it in atomically; requests in
+//! flight finish on the runtime they started with.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use filters::{BuildContext, SharedFilter};
+use http::Method;
+use monitoring::Monitoring;
+use store::clients::SharedRegistry;
+use store::{SharedStore, StoreConfig};
+use tokio::task::JoinHandle;
+
+use crate::config::{
+    ApplicationsConfig, ConfigError, ConfigErrors, PathMatch, PolicySet, Settings, join_error_path,
+};
+
+/// One node of a built chain.
+pub struct Node {
+    pub name: Arc<str>,
+    pub kind: &'static str,
+    pub filter: SharedFilter,
+    pub on_success: Option<usize>,
+    pub on_failure: Option<usize>,
+}
+
+pub struct Policy {
+    pub name: Arc<str>,
+    pub service: Arc<str>,
+    pub nodes: Vec<Node>,
+}
+
+/// A store with its purge task. Shared by every runtime that uses it; the purge task stops
+/// when the last runtime using the store is gone.
+pub struct StoreHandle {
+    pub config: StoreConfig,
+    pub store: SharedStore,
+    purge: Option<JoinHandle<()>>,
+}
+
+impl Drop for StoreHandle {
+    fn drop(&mut self) {
+        if let Some(t) = self.purge.take() {
+            t.abort();
+        }
+    }
+}
+
+pub struct RegistryHandle {
+    pub config: ApplicationsConfig,
+    pub registry: SharedRegistry,
+}
+
+pub struct Runtime {
+    pub settings: Settings,
+    pub policies: Vec<Policy>,
+    pub router: Router,
+    pub stores: HashMap<String, Arc<StoreHandle>>,
+    pub registry: Option<Arc<RegistryHandle>>,
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Whether stores are opened for real (`run`) or stood in for (`check`: no database is
+/// contacted, only the wiring is verified).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Check,
+}
+
+/// Opens the stores and the registry of `set` (reusing those of `previous` whose settings are
+/// unchanged) and builds every filter. Every error is collected.
+pub async fn build(
+    set: &PolicySet,
+    previous: Option<&Runtime>,
+    monitoring: &Arc<Monitoring>,
+    mode: Mode,
+) -> Result<Runtime, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut stores: HashMap<String, Arc<StoreHandle>> = HashMap::new();
+    for (name, config) in &set.stores {
+        if let Some(prev) = previous.and_then(|p| p.stores.get(name))
+            && prev.config == *config
+        {
+            stores.insert(name.clone(), prev.clone());
+            continue;
+        }
+        let origin = &set.store_origins[name];
+        match open_store(name, config, monitoring, mode).await {
+            Ok(h) => {
+                stores.insert(name.clone(), Arc::new(h));
+            }
+            Err(m) => errors.push(set.error_at(origin, "", m)),
+        }
+    }
+    let registry = match &set.applications {
+        None => None,
+        Some((config, origin)) => {
+            match previous
+                .and_then(|p| p.registry.as_ref())
+                .filter(|r| r.config == *config)
+            {
+                Some(r) => Some(r.clone()),
+                None => match open_registry(set, config, &stores, mode).await {
+                    Ok(r) => Some(Arc::new(RegistryHandle {
+                        config: config.clone(),
+                        registry: r,
+                    })),
+                    Err(m) => {
+                        errors.push(set.error_at(origin, "", m));
+                        None
+                    }
+                },
+            }
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let plain: HashMap<String, SharedStore> = stores
+        .iter()
+        .map(|(n, h)| (n.clone(), h.store.clone()))
+        .collect();
+    let mut warnings = set.warnings.clone();
+    let mut policies = Vec::new();
+    for p in &set.policies {
+        let mut nodes = Vec::new();
+        for n in &p.nodes {
+            let cx = BuildContext {
+                stores: &plain,
+                registry: registry.as_ref().map(|r| r.registry.clone()),
+                monitoring: monitoring.clone(),
+                policy: &p.name,
+                node: &n.name,
+                warnings: RefCell::new(Vec::new()),
+            };
+            let built = (n.kind.build)(n.settings.clone(), &cx);
+            for w in cx.warnings.take() {
+                warnings.push(set.error_at(
+                    &n.origin,
+                    &join_error_path("", &w.path, &w.message),
+                    w.message,
+                ));
+            }
+            match built {
+                Ok(filter) => nodes.push(Node {
+                    name: n.name.as_str().into(),
+                    kind: n.kind.name,
+                    filter,
+                    on_success: n.on_success,
+                    on_failure: n.on_failure,
+                }),
+                Err(e) => {
+                    let msg = config_message(&e.message);
+                    errors.push(set.error_at(&n.origin, &join_error_path("", &e.path, &msg), msg))
+                }
+            }
+        }
+        policies.push(Policy {
+            name: p.name.as_str().into(),
+            service: p.service.as_str().into(),
+            nodes,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let router = Router::new(set);
+    Ok(Runtime {
+        settings: set.settings.clone(),
+        policies,
+        router,
+        stores,
+        registry,
+        warnings,
+    })
+}
+
+fn config_message(m: &str) -> String {
+    crate::config::yaml::strip_location(m).to_owned()
+}
+
+async fn open_store(
+    name: &str,
+    config: &StoreConfig,
+    monitoring: &Arc<Monitoring>,
+    mode: Mode,
+) -> Result<StoreHandle, String> {
+    if mode == Mode::Check {
+        // Wiring only: a memory store stands in, so no database is contacted.
+        let store: SharedStore = Arc::new(store::memory::MemoryStore::new(16));
+        return Ok(StoreHandle {
+            config: config.clone(),
+            store,
+            purge: None,
+        });
+    }
+    let store = store::open_store(config)
+        .await
+        .map_err(|e| format!("cannot open store {name:?}: {e}"))?;
+    let mon = monitoring.clone();
+    let label = name.to_owned();
+    let purge = store::purge::spawn(store.clone(), config.purge_interval(), move |n| {
+        mon.store_purged(&label, n)
+    });
+    Ok(StoreHandle {
+        config: config.clone(),
+        store,
+        purge: Some(purge),
+    })
+}
+
+async fn open_registry(
+    set: &PolicySet,
+    config: &ApplicationsConfig,
+    _stores: &HashMap<String, Arc<StoreHandle>>,
+    _mode: Mode,
+) -> Result<SharedRegistry, String> {
+    match config {
+        ApplicationsConfig::File { path } => {
+            let path = set.dir.join(path);
+            let r = store::clients::file::FileRegistry::open(&path)
+                .map_err(|e| format!("cannot open the client registry {}: {e}", path.display()))?;
+            Ok(Arc::new(r))
+        }
+        ApplicationsConfig::Sql { store } => {
+            let Some(StoreConfig::Sql(c)) = set.stores.get(store) else {
+                return Err(format!(
+                    "applications.store: {store:?} is not a SQL store of this set"
+                ));
+            };
+            if _mode == Mode::Check {
+                return Ok(Arc::new(store::clients::file::FileRegistry::in_memory()));
+            }
+            let sql = store::sql::SqlStore::connect(c)
+                .await
+                .map_err(|e| format!("cannot open store {store:?}: {e}"))?;
+            Ok(Arc::new(sql))
+        }
+    }
+}
+
+/// Policy lookup by host, path and method.
+pub struct Router {
+    /// (path match, host, methods, policy index), most specific first.
+    routes: Vec<(PathMatch, Option<String>, Vec<Method>, usize)>,
+}
+
+/// What the router found for a request.
+pub enum RouteMatch {
+    Policy(usize),
+    /// The path exists, not for this method: 405 with `Allow`.
+    MethodNotAllowed(Vec<Method>),
+    NotFound,
+}
+
+impl Router {
+    fn new(set: &PolicySet) -> Self {
+        let mut routes: Vec<_> = set
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    p.route.path.clone(),
+                    p.route.host.clone(),
+                    p.route.methods.clone(),
+                    i,
+                )
+            })
+            .collect();
+        // Exact before prefix, longer prefix before shorter, a host before any host.
+        routes.sort_by_key(|(m, host, _, _)| {
+            let (exact, len) = match m {
+                PathMatch::Exact(p) => (0, usize::MAX - p.len()),
+                PathMatch::Prefix(p) => (1, usize::MAX - p.len()),
+            };
+            (exact, len, host.is_none())
+        });
+        Router { routes }
+    }
+
+    pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> RouteMatch {
+        let mut allowed: Vec<Method> = Vec::new();
+        for (m, h, methods, i) in &self.routes {
+            let path_ok = match m {
+                PathMatch::Exact(p) => p == path,
+                PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            };
+            let host_ok = match h {
+                None => true,
+                Some(h) => host.is_some_and(|x| x.eq_ignore_ascii_case(h)),
+            };
+            if !path_ok || !host_ok {
+                continue;
+            }
+            if methods.is_empty() || methods.contains(method) {
+                return RouteMatch::Policy(*i);
+            }
+            for m in methods {
+                if !allowed.contains(m) {
+                    allowed.push(m.clone());
+                }
+            }
+        }
+        if allowed.is_empty() {
+            RouteMatch::NotFound
+        } else {
+            RouteMatch::MethodNotAllowed(allowed)
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The hyper servers: the public listener that runs policies, and the admin listener
+//! (`/healthz`, `/readyz`, `/metrics`, `POST /reload`), which is never served publicly.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use filters::{Exchange, Response, json_response};
+use futures_util::FutureExt;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use monitoring::Outcome;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::State;
+use crate::chain;
+use crate::config::Limits;
+use crate::runtime::RouteMatch;
+
+pub type Body = Full<Bytes>;
+
+fn to_hyper(r: Response) -> http::Response<Body> {
+    r.map(Full::new)
+}
+
+fn error(status: StatusCode, code: &str, description: &str) -> Response {
+    json_response(
+        status,
+        &serde_json::json!({"error": code, "error_description": description}),
+    )
+}
+
+/// Accepts connections until `shutdown` flips, then drains: connections stop keep-alive,
+/// in-flight requests finish, and after `drain` whatever is left is dropped.
+pub async fn serve<S, F>(
+    listener: TcpListener,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+    state: Arc<State>,
+    handler: S,
+) where
+    S: Fn(Arc<State>, Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = http::Response<Body>> + Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs.max(1)))
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(8192) + limits.max_body_bytes.max(8192))
+        .keep_alive(limits.keep_alive);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state2 = state.clone();
+        let h = handler.clone();
+        let svc = service_fn(move |req| {
+            let fut = h(state2.clone(), req, peer);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        let mon = state.monitoring.clone();
+        mon.connection_opened();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            mon.connection_closed();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let drain = Duration::from_secs(limits.drain_timeout_secs);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::debug!("all connections drained"),
+        _ = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain time over; closing remaining connections"),
+    }
+}
+
+/// The public listener's handler: route, read the body within its limit, run the chain.
+pub async fn public(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    _peer: SocketAddr,
+) -> http::Response<Body> {
+    let runtime = state.runtime.load_full();
+    let limits = &runtime.settings.limits;
+    let (parts, body) = req.into_parts();
+    let host = parts.uri.host().or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    let host = host.map(|h| h.rsplit_once(':').map(|(a, _)| a).unwrap_or(h));
+    let policy = match runtime.router.find(host, parts.uri.path(), &parts.method) {
+        RouteMatch::Policy(i) => &runtime.policies[i],
+        RouteMatch::NotFound => {
+            return to_hyper(error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no policy serves this path",
+            ));
+        }
+        RouteMatch::MethodNotAllowed(allowed) => {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not accept this method",
+            );
+            let allow = allowed
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            return to_hyper(r);
+        }
+    };
+    state.monitoring.request_started();
+    let started = std::time::Instant::now();
+    let deadline = Duration::from_secs(limits.request_timeout_secs.max(1));
+    let max_body = limits.max_body_bytes;
+    let work = async {
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max_body as u64) {
+            return Err(too_large());
+        }
+        let body = match Limited::new(body, max_body).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(too_large());
+            }
+            Err(_) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the request body could not be read",
+                ));
+            }
+        };
+        let mut ex = Exchange::new(parts, body);
+        let run = std::panic::AssertUnwindSafe(chain::run(policy, &mut ex, &state.monitoring))
+            .catch_unwind();
+        match run.await {
+            Ok(finished) => Ok(finished),
+            Err(_) => {
+                // The panic hook has logged where it happened.
+                Err(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the policy failed unexpectedly",
+                ))
+            }
+        }
+    };
+    let (response, outcome, trail) = match tokio::time::timeout(deadline, work).await {
+        Ok(Ok(f)) => (f.response, f.outcome, f.trail),
+        Ok(Err(r)) => {
+            let o = if r.status().is_server_error() {
+                Outcome::Exception
+            } else {
+                Outcome::Failure
+            };
+            (r, o, Vec::new())
+        }
+        Err(_) => (
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "the request took too long",
+            ),
+            Outcome::Exception,
+            Vec::new(),
+        ),
+    };
+    let elapsed = started.elapsed();
+    state.monitoring.request_finished();
+    state
+        .monitoring
+        .record_service(&policy.service, "anonymous", outcome, elapsed);
+    if tracing::enabled!(tracing::Level::INFO) {
+        let nodes: Vec<&str> = trail
+            .iter()
+            .map(|&i| &*policy.nodes[i as usize].name)
+            .collect();
+        tracing::info!(
+            policy = %policy.name,
+            nodes = %nodes.join(">"),
+            status = response.status().as_u16(),
+            micros = elapsed.as_micros() as u64,
+            "request"
+        );
+    }
+    to_hyper(response)
+}
+
+fn too_large() -> Response {
+    let mut r = error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request",
+        "the request body is too large",
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// The admin listener's handler.
+pub async fn admin(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    _peer: SocketAddr,
+) -> http::Response<Body> {
+    let r = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        }
+        (&Method::GET, "/readyz") => readyz(&state).await,
+        (&Method::GET, "/metrics") => {
+            let mut r = http::Response::new(Bytes::from(state.monitoring.render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (&Method::POST, "/reload") => match crate::reload(&state).await {
+            Ok(()) => json_response(StatusCode::OK, &serde_json::json!({"reloaded": true})),
+            Err(errors) => json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({
+                    "reloaded": false,
+                    "errors": errors.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                }),
+            ),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "wrong method",
+        ),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+    };
+    to_hyper(r)
+}
+
+async fn readyz(state: &State) -> Response {
+    let runtime = state.runtime.load_full();
+    let mut down = Vec::new();
+    for (name, h) in &runtime.stores {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), h.store.ping()).await,
+            Ok(Ok(()))
+        );
+        if !ok {
+            down.push(name.clone());
+        }
+    }
+    down.sort();
+    if down.is_empty() {
+        json_response(StatusCode::OK, &serde_json::json!({"ready": true}))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"ready": false, "stores_unavailable": down}),
+        )
+    }
+}
