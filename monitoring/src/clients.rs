@@ -45,7 +45,7 @@ const FIRST_KNOWN: usize = 2;
 /// is not a concern: the map's keys are the operator's registered ids, so a request value can
 /// only probe existing chains, never lengthen them.
 #[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     #[inline]
@@ -73,7 +73,10 @@ impl Hasher for IdHasher {
     }
 }
 
-type KnownIds = HashMap<Box<str>, ClientLabel, BuildHasherDefault<IdHasher>>;
+/// A map keyed by ids or names that come from configuration.
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+type KnownIds = FastMap<Box<str>, ClientLabel>;
 
 pub(crate) struct Clients {
     cap: usize,

@@ -74,6 +74,17 @@
 //! The by-name methods ([`Monitoring::record_service`], [`Monitoring::record_node`], ...) do
 //! the same after a map lookup; they suit cold paths and tests.
 //!
+//! # Wiring (what the engine does)
+//!
+//! - A node whose `monitoring.enabled` is `false` gets no handle and records nothing.
+//! - `client_attribute` names the exchange attribute whose value goes to [`Monitoring::client`]
+//!   (`None` when the attribute is missing).
+//! - `composite_context: true` opens one [`CompositeScope`] per request around the service
+//!   contexts that follow; [`CompositeScope::finish`] when the request leaves it.
+//! - [`Monitoring::set_known_clients`] with the application registry's ids at start-up and
+//!   after each reload; [`Monitoring::store`] once per configured store at start-up, so the
+//!   live-token and purged series exist before the first purge.
+//!
 //! # Grafana
 //!
 //! `monitoring/grafana/` holds `gateway-dashboard.json` (uid [`DASHBOARD_UID`]), its file
@@ -92,7 +103,6 @@ mod store;
 mod tokens;
 mod usage;
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -108,7 +118,7 @@ pub use store::{MAX_STORE_OPS, StoreMetrics, StoreOpMetrics};
 pub use tokens::{GRANT_TYPES, RefreshOutcome};
 pub use usage::{CompositeMetrics, CompositeScope, NodeMetrics, ServiceMetrics};
 
-use clients::Clients;
+use clients::{Clients, FastMap};
 use family::{FamilyDef, TimedFamily, ns};
 use usage::{OutcomeSeries, UsageInner};
 
@@ -595,13 +605,13 @@ impl Registrar<'_> {
 
 /// A name -> handle cache for the by-name methods, with the [`MAX_NAMES`] cap.
 struct Names<K, V> {
-    map: RwLock<HashMap<K, V>>,
+    map: RwLock<FastMap<K, V>>,
 }
 
 impl<K, V> Default for Names<K, V> {
     fn default() -> Self {
         Names {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FastMap::default()),
         }
     }
 }
@@ -623,7 +633,7 @@ impl<V: Clone> Names<Box<str>, V> {
     }
 }
 
-type NodeMap = HashMap<Box<str>, HashMap<Box<str>, NodeMetrics>>;
+type NodeMap = FastMap<Box<str>, FastMap<Box<str>, NodeMetrics>>;
 
 /// policy -> node -> handle, for [`Monitoring::node`]; the cap counts nodes.
 struct NodeNames {
@@ -634,7 +644,7 @@ struct NodeNames {
 impl Default for NodeNames {
     fn default() -> Self {
         NodeNames {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(NodeMap::default()),
             len: std::sync::atomic::AtomicUsize::new(0),
         }
     }

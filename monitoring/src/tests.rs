@@ -484,6 +484,7 @@ fn handles_are_shared_by_name() {
     let a = m.service("svc");
     a.record(ClientLabel::ANONYMOUS, Outcome::Success, MS);
     m.record_service("svc", "", Outcome::Success, MS);
+    m.record_service("svc", "anonymous", Outcome::Success, MS);
     m.node("p", "n").record(Outcome::Success, MS);
     m.record_node("p", "n", Outcome::Success, MS);
     assert_eq!(a.name(), "svc");
@@ -494,7 +495,7 @@ fn handles_are_shared_by_name() {
             "gateway_service_requests_total",
             r#"client="anonymous",outcome="success",service="svc""#
         ),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         value(
