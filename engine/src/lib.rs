@@ -36,13 +36,15 @@ use config::{ConfigError, ConfigErrors};
 use runtime::{Mode, Runtime};
 
 /// How to start a gateway.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     pub policies: PathBuf,
     /// Overrides `listen:` of the policy set (tests use `127.0.0.1:0`).
     pub listen: Option<SocketAddr>,
     /// Overrides `admin:` of the policy set.
     pub admin: Option<SocketAddr>,
+    /// Filter kinds beside the built-in ones, for programs (and tests) that embed the engine.
+    pub extra_kinds: &'static [filters::Kind],
 }
 
 impl Options {
@@ -51,6 +53,7 @@ impl Options {
             policies: policies.into(),
             listen: None,
             admin: None,
+            extra_kinds: &[],
         }
     }
 }
@@ -60,6 +63,7 @@ pub struct State {
     pub runtime: ArcSwap<Runtime>,
     pub monitoring: Arc<Monitoring>,
     pub policies: PathBuf,
+    extra_kinds: &'static [filters::Kind],
     /// One reload at a time (SIGHUP and `/reload` may race).
     reloading: Mutex<()>,
 }
@@ -87,7 +91,7 @@ pub struct Gateway {
 /// Loads and builds the policy folder without opening any store or listener; returns the
 /// warnings of a valid set. This is `gateway check`.
 pub async fn check(dir: &std::path::Path) -> Result<Vec<ConfigError>, ConfigErrors> {
-    load(dir, None, &Arc::new(Monitoring::new()), Mode::Check)
+    load(dir, &[], None, &Arc::new(Monitoring::new()), Mode::Check)
         .await
         .map(|rt| rt.warnings)
 }
@@ -96,11 +100,12 @@ pub async fn check(dir: &std::path::Path) -> Result<Vec<ConfigError>, ConfigErro
 /// stores) on what could be loaded, so that one pass reports every error of the set.
 async fn load(
     dir: &std::path::Path,
+    extra: &'static [filters::Kind],
     previous: Option<&Runtime>,
     monitoring: &Arc<Monitoring>,
     mode: Mode,
 ) -> Result<Runtime, ConfigErrors> {
-    let (set, mut errors) = config::load_dir_partial(dir);
+    let (set, mut errors) = config::load_dir_partial(dir, extra);
     let mode = if errors.is_empty() { mode } else { Mode::Check };
     let built = runtime::build(&set, previous, monitoring, mode).await;
     match built {
@@ -115,9 +120,15 @@ async fn load(
 impl Gateway {
     pub async fn start(options: Options) -> Result<Gateway, StartError> {
         let monitoring = Arc::new(Monitoring::new());
-        let rt = load(&options.policies, None, &monitoring, Mode::Run)
-            .await
-            .map_err(StartError::Config)?;
+        let rt = load(
+            &options.policies,
+            options.extra_kinds,
+            None,
+            &monitoring,
+            Mode::Run,
+        )
+        .await
+        .map_err(StartError::Config)?;
         for w in &rt.warnings {
             tracing::warn!("{w}");
         }
@@ -148,6 +159,7 @@ impl Gateway {
             runtime: ArcSwap::from_pointee(rt),
             monitoring,
             policies: options.policies.clone(),
+            extra_kinds: options.extra_kinds,
             reloading: Mutex::new(()),
         });
         let (tx, rx) = watch::channel(false);
@@ -199,6 +211,7 @@ pub async fn reload(state: &State) -> Result<(), ConfigErrors> {
         let current = state.runtime.load_full();
         let rt = load(
             &state.policies,
+            state.extra_kinds,
             Some(&current),
             &state.monitoring,
             Mode::Run,

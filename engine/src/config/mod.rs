@@ -11,7 +11,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use filters::{Kind, find_kind};
+use filters::{KINDS, Kind};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
@@ -219,7 +219,7 @@ const NODE_KEYS: &[&str] = &["name", "type", "on_success", "on_failure"];
 
 /// Reads and checks every YAML file of `dir`.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, ConfigErrors> {
-    let (set, errors) = load_dir_partial(dir);
+    let (set, errors) = load_dir_partial(dir, &[]);
     if errors.is_empty() {
         Ok(set)
     } else {
@@ -229,7 +229,8 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, ConfigErrors> {
 
 /// Like [`load_dir`], but also returns what could be loaded despite errors, so that the
 /// builders can report their own errors in the same run (`gateway check` lists everything).
-pub fn load_dir_partial(dir: &Path) -> (PolicySet, Vec<ConfigError>) {
+/// `extra` adds filter kinds beside the built-in ones (for programs that embed the engine).
+pub fn load_dir_partial(dir: &Path, extra: &'static [Kind]) -> (PolicySet, Vec<ConfigError>) {
     let mut errors = Vec::new();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
@@ -291,7 +292,7 @@ pub fn load_dir_partial(dir: &Path) -> (PolicySet, Vec<ConfigError>) {
     };
     let mut seen_setting: HashMap<&'static str, String> = HashMap::new();
     for di in 0..docs.len() {
-        read_document(di, &docs, &mut set, &mut seen_setting, &mut errors);
+        read_document(di, &docs, extra, &mut set, &mut seen_setting, &mut errors);
     }
     set.docs = docs;
     check_policies(&set, &mut errors);
@@ -311,6 +312,7 @@ fn describe(doc: &Document, path: &str) -> String {
 fn read_document(
     di: usize,
     docs: &[Document],
+    extra: &'static [Kind],
     set: &mut PolicySet,
     seen: &mut HashMap<&'static str, String>,
     errors: &mut Vec<ConfigError>,
@@ -374,7 +376,7 @@ fn read_document(
                 }
             }
             "stores" => read_stores(di, docs, v, set, errors),
-            "policies" => read_policies(di, doc, v, set, errors),
+            "policies" => read_policies(di, doc, extra, v, set, errors),
             _ => unreachable!("every top-level key is handled"),
         }
     }
@@ -430,6 +432,7 @@ struct PolicyHeader {
 fn read_policies(
     di: usize,
     doc: &Document,
+    extra: &'static [Kind],
     v: &Value,
     set: &mut PolicySet,
     errors: &mut Vec<ConfigError>,
@@ -496,10 +499,10 @@ fn read_policies(
                 .unwrap_or_default()
                 .to_owned();
             let kind = match m.get("type") {
-                Some(Value::String(t)) => match find_kind(t) {
+                Some(Value::String(t)) => match KINDS.iter().chain(extra).find(|k| k.name == t) {
                     Some(k) => Some(k),
                     None => {
-                        let known: Vec<&str> = filters::KINDS.iter().map(|k| k.name).collect();
+                        let known: Vec<&str> = KINDS.iter().chain(extra).map(|k| k.name).collect();
                         errors.push(doc.error(
                             &key(&npath, "type"),
                             format!(

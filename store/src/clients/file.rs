@@ -157,6 +157,10 @@ impl FileRegistry {
                     .map_err(|e| RegistryError::Invalid(e.to_string()))?
             );
             let tmp = path.with_extension("yaml.tmp");
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| RegistryError::Unavailable(format!("{}: {e}", dir.display())))?;
+            }
             std::fs::write(&tmp, text)
                 .and_then(|()| std::fs::rename(&tmp, path))
                 .map_err(|e| RegistryError::Unavailable(format!("{}: {e}", path.display())))?;
