@@ -114,6 +114,7 @@ fn main() -> ExitCode {
                     policies,
                     listen,
                     admin,
+                    extra_kinds: &[],
                 })
                 .await
             }
