@@ -176,8 +176,8 @@ impl ClientCredentials {
         let mut metadata = BTreeMap::new();
         self.metadata.render_into(ex, &mut metadata);
         let access = oauth::generate_token(self.access.length);
-        let refresh = self
-            .include_refresh_token
+        // A refresh token only for a client that may use it.
+        let refresh = (self.include_refresh_token && app.allows_grant("refresh_token"))
             .then(|| oauth::generate_token(self.refresh.length));
         let issue = Issue {
             grant: Arc::new(Grant {
