@@ -56,6 +56,9 @@ pub async fn serve<S, F>(
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) + limits.max_body_bytes.max(8192))
         .keep_alive(limits.keep_alive);
+    // `gateway_connections_open` counts the public listener's connections only (admin
+    // scrapes would otherwise show up as client traffic).
+    let counts_connections = type_id_of(&handler) == type_id_of(&public);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
@@ -84,13 +87,13 @@ pub async fn serve<S, F>(
         });
         let conn = http.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
-        let mon = state.monitoring.clone();
-        mon.connection_opened();
+        let mon = counts_connections.then(|| state.monitoring.clone());
         tokio::spawn(async move {
+            // Decremented on drop, also when the task is cancelled at the end of the drain.
+            let _open = mon.as_deref().map(monitoring::Monitoring::connection);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            mon.connection_closed();
             drop(permit);
         });
     }
@@ -100,6 +103,10 @@ pub async fn serve<S, F>(
         _ = graceful.shutdown() => tracing::debug!("all connections drained"),
         _ = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain time over; closing remaining connections"),
     }
+}
+
+fn type_id_of<T: 'static>(_: &T) -> std::any::TypeId {
+    std::any::TypeId::of::<T>()
 }
 
 /// The public listener's handler: route, read the body within its limit, run the chain.
@@ -144,7 +151,7 @@ pub async fn public(
             return to_hyper(r);
         }
     };
-    state.monitoring.request_started();
+    let _in_flight = state.monitoring.in_flight();
     let started = std::time::Instant::now();
     let deadline = Duration::from_secs(limits.request_timeout_secs.max(1));
     let max_body = limits.max_body_bytes;
@@ -155,7 +162,7 @@ pub async fn public(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max_body as u64) {
-            return Err(too_large());
+            return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
         }
         let body = match Limited::new(body, max_body).collect().await {
             Ok(c) => c.to_bytes(),
@@ -163,40 +170,52 @@ pub async fn public(
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
-                return Err(too_large());
+                return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
             }
             Err(_) => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "the request body could not be read",
+                return Err((
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "the request body could not be read",
+                    ),
+                    monitoring::ClientLabel::ANONYMOUS,
                 ));
             }
         };
         let mut ex = Exchange::new(parts, body);
         let run = std::panic::AssertUnwindSafe(chain::run(policy, &mut ex, &state.monitoring))
-            .catch_unwind();
-        match run.await {
-            Ok(finished) => Ok(finished),
+            .catch_unwind()
+            .await;
+        // The client as the chain identified it (the OAuth filters set it once the client
+        // authenticated); resolved to a bounded label, so no raw value becomes a series.
+        let client = state
+            .monitoring
+            .client(ex.get(monitoring::DEFAULT_CLIENT_ATTRIBUTE).as_deref());
+        match run {
+            Ok(finished) => Ok((finished, client)),
             Err(_) => {
                 // The panic hook has logged where it happened.
-                Err(error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "the policy failed unexpectedly",
+                Err((
+                    error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "the policy failed unexpectedly",
+                    ),
+                    client,
                 ))
             }
         }
     };
-    let (response, outcome, trail) = match tokio::time::timeout(deadline, work).await {
-        Ok(Ok(f)) => (f.response, f.outcome, f.trail),
-        Ok(Err(r)) => {
+    let (response, outcome, trail, client) = match tokio::time::timeout(deadline, work).await {
+        Ok(Ok((f, client))) => (f.response, f.outcome, f.trail, client),
+        Ok(Err((r, client))) => {
             let o = if r.status().is_server_error() {
                 Outcome::Exception
             } else {
                 Outcome::Failure
             };
-            (r, o, Vec::new())
+            (r, o, Vec::new(), client)
         }
         Err(_) => (
             error(
@@ -206,13 +225,14 @@ pub async fn public(
             ),
             Outcome::Exception,
             Vec::new(),
+            monitoring::ClientLabel::ANONYMOUS,
         ),
     };
     let elapsed = started.elapsed();
-    state.monitoring.request_finished();
     state
         .monitoring
-        .record_service(&policy.service, "anonymous", outcome, elapsed);
+        .service(&policy.service)
+        .record(client, outcome, elapsed);
     if tracing::enabled!(tracing::Level::INFO) {
         let nodes: Vec<&str> = trail
             .iter()

@@ -98,21 +98,42 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Resp {
         .expect("response");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Resp { status: parts.status, headers: parts.headers, body }
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub fn request(method: Method, path: &str) -> http::request::Builder {
-    Request::builder().method(method).uri(path).header("host", "localhost")
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Resp {
-    send(addr, request(Method::GET, path).body(Full::new(Bytes::new())).unwrap()).await
+    send(
+        addr,
+        request(Method::GET, path)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
 }
 
 /// POSTs an `application/x-www-form-urlencoded` body built from `form`.
-pub async fn post_form(addr: SocketAddr, path: &str, headers: &[(&str, &str)], form: &[(&str, &str)]) -> Resp {
-    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-    let mut b = request(Method::POST, path).header("content-type", "application/x-www-form-urlencoded");
+pub async fn post_form(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    form: &[(&str, &str)],
+) -> Resp {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let mut b =
+        request(Method::POST, path).header("content-type", "application/x-www-form-urlencoded");
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -132,7 +153,9 @@ pub fn basic(id: &str, secret: &str) -> String {
 /// Registers an application in the policy folder's registry; returns (id, secret).
 pub async fn add_client(dir: &Path, scopes: &str, grants: &str) -> (String, String) {
     let registry = engine::clients::open(dir).await.expect("registry");
-    let added = engine::clients::add(&registry, "test app", scopes, grants).await.expect("add client");
+    let added = engine::clients::add(&registry, "test app", scopes, grants)
+        .await
+        .expect("add client");
     (added.app.client_id, added.secret)
 }
 
@@ -157,10 +180,269 @@ pub fn gateway_bin() -> PathBuf {
     // The test binary lives in target/<profile>/deps; the gateway in target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
     let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf);
-    let candidates = [profile_dir.map(|d| d.join("gateway")), Some(target.join("debug").join("gateway"))];
+    let candidates = [
+        profile_dir.map(|d| d.join("gateway")),
+        Some(target.join("debug").join("gateway")),
+    ];
     candidates
         .into_iter()
         .flatten()
         .find(|p| p.exists())
         .expect("the gateway binary (cargo builds it for the tests package: engine is a dependency with a bin)")
+}
+
+/// A request to `path` with a chosen `Host` header (the plain [`request`] says `localhost`).
+pub fn request_with_host(method: Method, path: &str, host: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+}
+
+/// Filter kinds for tests that embed the engine (`PolicyDir::start_with(test_kinds::KINDS)`):
+/// `test_sleep` (`ms:`) sleeps then passes, `test_panic` panics.
+pub mod test_kinds {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use filters::registry::parse;
+    use filters::{
+        BuildContext, BuildError, Exchange, Filter, FilterError, Flow, Kind, SharedFilter,
+    };
+
+    pub static KINDS: &[Kind] = &[
+        Kind {
+            name: "test_sleep",
+            build: build_sleep,
+        },
+        Kind {
+            name: "test_panic",
+            build: build_panic,
+        },
+    ];
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct SleepConfig {
+        ms: u64,
+    }
+
+    struct Sleep(Duration);
+
+    #[async_trait]
+    impl Filter for Sleep {
+        async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+            tokio::time::sleep(self.0).await;
+            ex.set("test.slept_ms", self.0.as_millis().to_string());
+            Ok(Flow::Pass)
+        }
+    }
+
+    fn build_sleep(
+        value: serde_yaml::Value,
+        _cx: &BuildContext,
+    ) -> Result<SharedFilter, BuildError> {
+        let c: SleepConfig = parse(value)?;
+        Ok(Arc::new(Sleep(Duration::from_millis(c.ms))))
+    }
+
+    struct Panic;
+
+    #[async_trait]
+    impl Filter for Panic {
+        async fn on_request(&self, _ex: &mut Exchange) -> Result<Flow, FilterError> {
+            panic!("test_panic filter: deliberate panic");
+        }
+    }
+
+    fn build_panic(
+        _value: serde_yaml::Value,
+        _cx: &BuildContext,
+    ) -> Result<SharedFilter, BuildError> {
+        Ok(Arc::new(Panic))
+    }
+}
+
+/// What a raw TCP exchange produced.
+#[derive(Debug)]
+pub struct RawReply {
+    pub bytes: Vec<u8>,
+    /// The server closed (EOF or reset) before the read window ended.
+    pub closed: bool,
+}
+
+impl RawReply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// Status codes of every response in the reply, in order.
+    pub fn statuses(&self) -> Vec<u16> {
+        let t = self.text();
+        let mut out = Vec::new();
+        let mut rest = t.as_str();
+        while let Some(i) = rest.find("HTTP/1.") {
+            let s = &rest[i..];
+            if let Some(code) = s.get(9..12).and_then(|c| c.parse().ok()) {
+                out.push(code);
+            }
+            rest = &rest[i + 7..];
+        }
+        out
+    }
+}
+
+/// Writes `bytes` on a fresh connection and reads until the server closes or `window` passes
+/// without the connection closing.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], window: Duration) -> RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut closed = s.write_all(bytes).await.is_err();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    let mut buf = [0u8; 8192];
+    while !closed {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => closed = true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    RawReply { bytes: out, closed }
+}
+
+/// A loopback address that was free a moment ago (bind :0, read the port, close).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
+    l.local_addr().expect("local addr")
+}
+
+/// The `gateway` binary, built first (once per test process) so that it matches the sources:
+/// `cargo test -p tests` builds only the engine's library, not its binary.
+pub fn built_gateway_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            let release = exe
+                .ancestors()
+                .any(|a| a.file_name().is_some_and(|n| n == "release"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+                .args(["build", "--quiet", "-p", "engine", "--bin", "gateway"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd
+                .status()
+                .expect("run cargo build for the gateway binary");
+            assert!(
+                status.success(),
+                "cargo build -p engine --bin gateway failed"
+            );
+            gateway_bin()
+        })
+        .clone()
+}
+
+/// The `gateway` binary running on a policy folder, killed on drop if still running.
+pub struct Running {
+    pub child: std::process::Child,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    /// The process's stderr (logs) go here.
+    pub log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// `gateway run --policies DIR --listen ... --admin ...` on free loopback ports; returns once
+    /// the admin listener answers `/healthz`.
+    pub async fn start(dir: &Path) -> Running {
+        let public = free_addr();
+        let admin = free_addr();
+        let log_dir = tempfile::tempdir().expect("temp dir");
+        let log = log_dir.path().join("gateway.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(built_gateway_bin())
+            .arg("run")
+            .arg("--policies")
+            .arg(dir)
+            .arg("--listen")
+            .arg(public.to_string())
+            .arg("--admin")
+            .arg(admin.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn gateway");
+        let mut r = Running {
+            child,
+            public,
+            admin,
+            log,
+            _log_dir: log_dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = r.child.try_wait().expect("try_wait") {
+                panic!("gateway exited early with {status}: {}", r.log_text());
+            }
+            if TcpStream::connect(admin).await.is_ok() && TcpStream::connect(public).await.is_ok() {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway did not listen within 20 s: {}",
+                r.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, `INT`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg("-s")
+            .arg(name)
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -s {name} failed");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
