@@ -1,11 +1,11 @@
 //! Runs one request through its policy's chain of nodes.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use filters::{Exchange, Flow, Response};
 use monitoring::{Monitoring, Outcome};
 
-use crate::runtime::Policy;
+use crate::runtime::{Node, Policy};
 
 /// The attribute that holds why the last node failed, for the nodes on its failure path.
 pub const FAILURE_REASON: &str = "failure.reason";
@@ -23,6 +23,69 @@ pub struct Finished {
 /// or the filter's own failure response), responds, or breaks (503/500). The graph was checked
 /// for cycles at load time, so this always ends.
 pub async fn run(policy: &Policy, ex: &mut Exchange, monitoring: &Monitoring) -> Finished {
+    let mut contexts = Contexts::new(policy);
+    let finished = walk(policy, ex, &mut contexts).await;
+    contexts.record(policy, ex, monitoring, finished.outcome);
+    finished
+}
+
+/// Outcome and time of each service context that ran during one request.
+struct Contexts {
+    seen: Vec<Option<(Outcome, Duration)>>,
+}
+
+impl Contexts {
+    fn new(policy: &Policy) -> Self {
+        // No allocation for the common policy without node-level contexts.
+        Contexts {
+            seen: if policy.contexts.is_empty() {
+                Vec::new()
+            } else {
+                vec![None; policy.contexts.len()]
+            },
+        }
+    }
+
+    fn node(&mut self, node: &Node, outcome: Outcome, elapsed: Duration) {
+        if let Some(m) = &node.metrics {
+            m.record(outcome, elapsed);
+        }
+        if let Some(i) = node.context {
+            let slot = &mut self.seen[i];
+            *slot = Some(match *slot {
+                None => (outcome, elapsed),
+                Some((o, d)) => (o.worst(outcome), d + elapsed),
+            });
+        }
+    }
+
+    fn record(self, policy: &Policy, ex: &Exchange, monitoring: &Monitoring, overall: Outcome) {
+        let mut composite = policy.composite.as_ref().map(|c| {
+            let client = ex.get(&policy.client_attribute);
+            c.scope(monitoring.client(client.as_deref()))
+        });
+        for (i, seen) in self.seen.into_iter().enumerate() {
+            let Some((outcome, elapsed)) = seen else {
+                continue;
+            };
+            let ctx = &policy.contexts[i];
+            let client = ex.get(&ctx.client_attribute);
+            ctx.metrics
+                .record(monitoring.client(client.as_deref()), outcome, elapsed);
+            if let Some(scope) = &mut composite {
+                scope.observe(outcome);
+            }
+        }
+        if let Some(mut scope) = composite {
+            // The request as a whole is part of the composite too: a failure answered
+            // outside any node-level context still fails it.
+            scope.observe(overall);
+            let _ = scope.finish();
+        }
+    }
+}
+
+async fn walk(policy: &Policy, ex: &mut Exchange, contexts: &mut Contexts) -> Finished {
     let mut trail = Vec::with_capacity(policy.nodes.len());
     let mut at = if policy.nodes.is_empty() {
         None
@@ -37,11 +100,11 @@ pub async fn run(policy: &Policy, ex: &mut Exchange, monitoring: &Monitoring) ->
         let elapsed = started.elapsed();
         match flow {
             Ok(Flow::Pass) => {
-                monitoring.record_node(&policy.name, &node.name, Outcome::Success, elapsed);
+                contexts.node(node, Outcome::Success, elapsed);
                 at = node.on_success;
             }
             Ok(Flow::Respond(response)) => {
-                monitoring.record_node(&policy.name, &node.name, Outcome::Success, elapsed);
+                contexts.node(node, outcome_of(&response), elapsed);
                 let outcome = outcome_of(&response);
                 return Finished {
                     response,
@@ -50,7 +113,7 @@ pub async fn run(policy: &Policy, ex: &mut Exchange, monitoring: &Monitoring) ->
                 };
             }
             Ok(Flow::Fail(failure)) => {
-                monitoring.record_node(&policy.name, &node.name, Outcome::Failure, elapsed);
+                contexts.node(node, Outcome::Failure, elapsed);
                 match node.on_failure {
                     Some(next) => {
                         ex.set(FAILURE_REASON, failure.reason);
@@ -66,7 +129,7 @@ pub async fn run(policy: &Policy, ex: &mut Exchange, monitoring: &Monitoring) ->
                 }
             }
             Err(e) => {
-                monitoring.record_node(&policy.name, &node.name, Outcome::Exception, elapsed);
+                contexts.node(node, Outcome::Exception, elapsed);
                 tracing::error!(policy = %policy.name, node = %node.name, kind = node.kind, error = %e, "filter error");
                 return Finished {
                     response: e.to_response(),

@@ -163,7 +163,9 @@ impl Gateway {
             reloading: Mutex::new(()),
         });
         let (tx, rx) = watch::channel(false);
+        let known_clients = tokio::spawn(refresh_known_clients(state.clone(), rx.clone()));
         let tasks = vec![
+            known_clients,
             tokio::spawn(server::serve(
                 public_l,
                 limits.clone(),
@@ -201,6 +203,30 @@ impl Gateway {
             let _ = t.await;
         }
         tracing::info!("gateway stopped");
+    }
+}
+
+/// Keeps the metrics' client label set in step with the registry: only registered client ids
+/// become `client` label values (everything else is `other`), and the registry can change
+/// while the gateway runs (`gateway clients add`).
+async fn refresh_known_clients(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let registry = state.runtime.load().registry.clone();
+        if let Some(r) = registry {
+            match r.registry.list().await {
+                Ok(apps) => state
+                    .monitoring
+                    .set_known_clients(apps.into_iter().map(|a| a.client_id).collect()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "client registry not readable for metrics labels")
+                }
+            }
+        }
     }
 }
 

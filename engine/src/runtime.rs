@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use filters::{BuildContext, SharedFilter};
 use http::Method;
-use monitoring::Monitoring;
+use monitoring::{CompositeMetrics, Monitoring, NodeMetrics, ServiceMetrics};
 use store::clients::SharedRegistry;
 use store::{SharedStore, StoreConfig};
 use tokio::task::JoinHandle;
@@ -26,11 +26,30 @@ pub struct Node {
     pub filter: SharedFilter,
     pub on_success: Option<usize>,
     pub on_failure: Option<usize>,
+    /// `None` when monitoring is off for this node (its filter's or its policy's setting).
+    pub metrics: Option<NodeMetrics>,
+    /// Index into [`Policy::contexts`] of the service context this node runs in, if any.
+    pub context: Option<usize>,
+}
+
+/// A service context of a policy's nodes (`service:` on a node, or a filter's own monitoring
+/// settings), recorded once per request in which one of its nodes ran.
+pub struct Context {
+    pub metrics: ServiceMetrics,
+    /// The attribute whose value labels the client.
+    pub client_attribute: Arc<str>,
 }
 
 pub struct Policy {
     pub name: Arc<str>,
     pub service: Arc<str>,
+    /// The policy's own service context; `None` when the policy's monitoring is off.
+    pub metrics: Option<ServiceMetrics>,
+    pub client_attribute: Arc<str>,
+    pub contexts: Vec<Context>,
+    /// A composite context around `contexts` (the policy's `monitoring.composite`, or a
+    /// filter whose `composite_context` is true).
+    pub composite: Option<CompositeMetrics>,
     pub nodes: Vec<Node>,
 }
 
@@ -129,6 +148,13 @@ pub async fn build(
     let mut policies = Vec::new();
     for p in &set.policies {
         let mut nodes = Vec::new();
+        let mut contexts: Vec<Context> = Vec::new();
+        let mut composite = p
+            .monitoring
+            .composite
+            .as_deref()
+            .map(|c| monitoring.composite(c));
+        let policy_on = p.monitoring.enabled;
         for n in &p.nodes {
             let cx = BuildContext {
                 stores: &plain,
@@ -147,13 +173,51 @@ pub async fn build(
                 ));
             }
             match built {
-                Ok(filter) => nodes.push(Node {
-                    name: n.name.as_str().into(),
-                    kind: n.kind.name,
-                    filter,
-                    on_success: n.on_success,
-                    on_failure: n.on_failure,
-                }),
+                Ok(filter) => {
+                    let own = filter.monitoring();
+                    let on = policy_on && own.is_none_or(|m| m.enabled);
+                    // A node's service context: its `service:` key, else its filter's own
+                    // monitoring settings (named after the node unless they say otherwise).
+                    let context_name = n.service.clone().or_else(|| {
+                        own.map(|m| m.service.clone().unwrap_or_else(|| n.name.clone()))
+                    });
+                    let context = match (on, context_name) {
+                        (true, Some(name)) => {
+                            let client_attribute: Arc<str> = own
+                                .map(|m| m.client_attribute.as_str())
+                                .unwrap_or(&p.monitoring.client_attribute)
+                                .into();
+                            if own.is_some_and(|m| m.composite_context) {
+                                // The filter's context is the composite around the others.
+                                composite.get_or_insert_with(|| monitoring.composite(&name));
+                                None
+                            } else {
+                                Some(
+                                    match contexts.iter().position(|c| c.metrics.name() == name) {
+                                        Some(i) => i,
+                                        None => {
+                                            contexts.push(Context {
+                                                metrics: monitoring.service(&name),
+                                                client_attribute,
+                                            });
+                                            contexts.len() - 1
+                                        }
+                                    },
+                                )
+                            }
+                        }
+                        _ => None,
+                    };
+                    nodes.push(Node {
+                        name: n.name.as_str().into(),
+                        kind: n.kind.name,
+                        filter,
+                        on_success: n.on_success,
+                        on_failure: n.on_failure,
+                        metrics: on.then(|| monitoring.node(&p.name, &n.name)),
+                        context,
+                    });
+                }
                 Err(e) => {
                     let msg = config_message(&e.message);
                     errors.push(set.error_at(&n.origin, &join_error_path("", &e.path, &msg), msg))
@@ -163,6 +227,10 @@ pub async fn build(
         policies.push(Policy {
             name: p.name.as_str().into(),
             service: p.service.as_str().into(),
+            metrics: policy_on.then(|| monitoring.service(&p.service)),
+            client_attribute: p.monitoring.client_attribute.as_str().into(),
+            contexts,
+            composite: if policy_on { composite } else { None },
             nodes,
         });
     }

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -217,9 +216,11 @@ impl ClientCredentials {
 #[async_trait]
 impl Filter for ClientCredentials {
     async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let started = Instant::now();
         let flow = self.grant(ex).await;
-        self.monitor.record(ex, &flow, started);
         flow
+    }
+
+    fn monitoring(&self) -> Option<&MonitoringConfig> {
+        Some(&self.monitor.config)
     }
 }

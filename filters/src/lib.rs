@@ -115,6 +115,14 @@ impl FilterError {
 #[async_trait]
 pub trait Filter: Send + Sync + 'static {
     async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError>;
+
+    /// The filter's own "Monitoring settings", for kinds that have them (the OAuth filters).
+    /// The engine reads them once at build time: a disabled filter records nothing, the
+    /// client attribute labels its service context, and a composite context wraps the
+    /// policy's other service contexts.
+    fn monitoring(&self) -> Option<&monitor::MonitoringConfig> {
+        None
+    }
 }
 
 pub type SharedFilter = Arc<dyn Filter>;

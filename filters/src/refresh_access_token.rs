@@ -28,7 +28,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -385,13 +384,15 @@ impl RefreshAccessToken {
 #[async_trait]
 impl Filter for RefreshAccessToken {
     async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let started = Instant::now();
         let flow = self.grant(ex).await;
-        self.monitor.record(ex, &flow, started);
         if flow.is_err() {
             self.count("error");
         }
         flow
+    }
+
+    fn monitoring(&self) -> Option<&MonitoringConfig> {
+        Some(&self.monitor.config)
     }
 }
 

@@ -169,6 +169,9 @@ pub struct NodeDef {
     pub on_success: Option<usize>,
     /// Index of the node on failure; `None` sends the filter's own failure response.
     pub on_failure: Option<usize>,
+    /// The service context this node belongs to (`service:` on the node), beside the
+    /// policy's own.
+    pub service: Option<String>,
     pub origin: Origin,
 }
 
@@ -176,6 +179,7 @@ pub struct PolicyDef {
     pub name: String,
     /// The monitoring service context (defaults to the policy name).
     pub service: String,
+    pub monitoring: PolicyMonitoring,
     pub route: Route,
     pub nodes: Vec<NodeDef>,
     pub origin: Origin,
@@ -215,7 +219,7 @@ const TOP_LEVEL: &[&str] = &[
     "applications",
     "policies",
 ];
-const NODE_KEYS: &[&str] = &["name", "type", "on_success", "on_failure"];
+const NODE_KEYS: &[&str] = &["name", "type", "on_success", "on_failure", "service"];
 
 /// Reads and checks every YAML file of `dir`.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, ConfigErrors> {
@@ -419,12 +423,37 @@ fn read_stores(
     }
 }
 
+/// A policy's monitoring settings (`monitoring:` on the policy).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyMonitoring {
+    /// Record the policy's service context (and its nodes) at all.
+    pub enabled: bool,
+    /// The attribute whose value labels the client of the policy's service contexts.
+    pub client_attribute: String,
+    /// A composite context around the service contexts of this policy's nodes: exported as
+    /// its own series, it passes only if every one of them passed.
+    pub composite: Option<String>,
+}
+
+impl Default for PolicyMonitoring {
+    fn default() -> Self {
+        PolicyMonitoring {
+            enabled: true,
+            client_attribute: "authentication.subject.id".into(),
+            composite: None,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyHeader {
     name: String,
     #[serde(default)]
     service: Option<String>,
+    #[serde(default)]
+    monitoring: PolicyMonitoring,
     route: RouteConfig,
     chain: Vec<Value>,
 }
@@ -552,6 +581,17 @@ fn read_policies(
             let next = (ni + 1 < h.chain.len()).then_some(ni + 1);
             let on_success = edge("on_success", next);
             let on_failure = edge("on_failure", None);
+            let service = match m.get("service") {
+                None => None,
+                Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+                Some(_) => {
+                    errors.push(
+                        doc.error(&key(&npath, "service"), "expected a service context name"),
+                    );
+                    ok = false;
+                    None
+                }
+            };
             let mut settings = Mapping::new();
             for (k, v) in m {
                 if !k.as_str().is_some_and(|k| NODE_KEYS.contains(&k)) {
@@ -565,6 +605,7 @@ fn read_policies(
                     settings: Value::Mapping(settings),
                     on_success,
                     on_failure,
+                    service,
                     origin: Origin {
                         doc: di,
                         path: npath,
@@ -587,6 +628,7 @@ fn read_policies(
         }
         set.policies.push(PolicyDef {
             service: h.service.unwrap_or_else(|| h.name.clone()),
+            monitoring: h.monitoring,
             name: h.name,
             route,
             nodes,
