@@ -53,17 +53,18 @@ pub struct Policy {
     pub nodes: Vec<Node>,
 }
 
-/// A store with its purge task. Shared by every runtime that uses it; the purge task stops
+/// A store with its background tasks. Shared by every runtime that uses it; the tasks stop
 /// when the last runtime using the store is gone.
 pub struct StoreHandle {
     pub config: StoreConfig,
     pub store: SharedStore,
-    purge: Option<JoinHandle<()>>,
+    /// The purge task and the live-token gauge task.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for StoreHandle {
     fn drop(&mut self) {
-        if let Some(t) = self.purge.take() {
+        for t in &self.tasks {
             t.abort();
         }
     }
@@ -264,22 +265,35 @@ async fn open_store(
         return Ok(StoreHandle {
             config: config.clone(),
             store,
-            purge: None,
+            tasks: Vec::new(),
         });
     }
     let store = store::open_store(config)
         .await
         .map_err(|e| format!("cannot open store {name:?}: {e}"))?;
-    let mon = monitoring.clone();
-    let label = name.to_owned();
+    let metrics = monitoring.store(name);
+    let purged = metrics.clone();
     let purge = store::purge::spawn(store.clone(), config.purge_interval(), move |n| {
-        mon.store_purged(&label, n)
+        purged.purged(n)
     });
+    let live = tokio::spawn(watch_live_tokens(store.clone(), metrics));
     Ok(StoreHandle {
         config: config.clone(),
         store,
-        purge: Some(purge),
+        tasks: vec![purge, live],
     })
+}
+
+/// Keeps the live-token gauge of a store current (every 15 s; a count is cheap but not free).
+async fn watch_live_tokens(store: SharedStore, metrics: monitoring::StoreMetrics) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Ok(n) = store.count_live(store::now()).await {
+            metrics.set_live(n);
+        }
+    }
 }
 
 async fn open_registry(

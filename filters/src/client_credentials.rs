@@ -79,11 +79,11 @@ pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter
     Ok(Arc::new(ClientCredentials {
         validation,
         store,
+        monitor: FilterMonitor::new(c.monitoring, &c.access_token.store, cx),
         access: c.access_token,
         include_refresh_token: c.include_refresh_token,
         refresh: c.refresh_token,
         metadata,
-        monitor: FilterMonitor::new(c.monitoring, cx),
     }))
 }
 
@@ -198,7 +198,7 @@ impl ClientCredentials {
             }),
             replay: None,
         };
-        self.store.issue(issue).await?;
+        self.monitor.time("issue", self.store.issue(issue)).await?;
         ex.set("oauth.scope", scope.clone());
         if self.monitor.enabled() {
             self.monitor.metrics.token_issued("client_credentials");

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use monitoring::Monitoring;
+use std::time::Instant;
+
+use monitoring::{Monitoring, StoreMetrics};
 use serde::Deserialize;
 
 use crate::registry::BuildContext;
@@ -34,21 +36,36 @@ impl Default for MonitoringConfig {
 }
 
 /// What a filter keeps of its monitoring settings: the config (read by the engine through
-/// [`crate::Filter::monitoring`]) and the metrics handle for its own token counters.
+/// [`crate::Filter::monitoring`]), the metrics handle for its own token counters, and the
+/// latency of its store operations.
 pub struct FilterMonitor {
     pub config: MonitoringConfig,
     pub metrics: Arc<Monitoring>,
+    store: StoreMetrics,
 }
 
 impl FilterMonitor {
-    pub fn new(config: MonitoringConfig, cx: &BuildContext) -> Self {
+    /// `store` names the token store whose operation latency this filter reports.
+    pub fn new(config: MonitoringConfig, store: &str, cx: &BuildContext) -> Self {
         FilterMonitor {
             config,
             metrics: cx.monitoring.clone(),
+            store: cx.monitoring.store(store),
         }
     }
 
     pub fn enabled(&self) -> bool {
         self.config.enabled
+    }
+
+    /// Runs one store operation, recording its latency when monitoring is on.
+    pub async fn time<T>(&self, op: &str, f: impl Future<Output = T>) -> T {
+        if !self.config.enabled {
+            return f.await;
+        }
+        let started = Instant::now();
+        let out = f.await;
+        self.store.op(op, started.elapsed());
+        out
     }
 }

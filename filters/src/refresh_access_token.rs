@@ -113,10 +113,10 @@ pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter
     Ok(Arc::new(RefreshAccessToken {
         validation,
         store,
+        monitor: FilterMonitor::new(c.monitoring, &c.access_token.store, cx),
         access: c.access_token,
         refresh: c.refresh_token,
         metadata,
-        monitor: FilterMonitor::new(c.monitoring, cx),
     }))
 }
 
@@ -314,8 +314,11 @@ impl RefreshAccessToken {
         };
         let digest = Digest::of(&presented);
         let outcome = self
-            .store
-            .rotate(&digest, &app.client_id, now, &decide)
+            .monitor
+            .time(
+                "rotate",
+                self.store.rotate(&digest, &app.client_id, now, &decide),
+            )
             .await?;
         match outcome {
             RotateOutcome::Rotated { .. } => {
@@ -363,7 +366,10 @@ impl RefreshAccessToken {
                 }
                 // Reuse: the family is compromised. The revocation must be written before we
                 // answer; if the store fails, the error (503) goes out instead.
-                let revoked = self.store.revoke_family(family).await?;
+                let revoked = self
+                    .monitor
+                    .time("revoke_family", self.store.revoke_family(family))
+                    .await?;
                 tracing::warn!(client_id = %app.client_id, family = ?family, revoked, "refresh token reuse detected; token family revoked");
                 ex.set("refresh.reuse_detected", "true");
                 let e = OAuthError::new(
