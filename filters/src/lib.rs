@@ -20,6 +20,7 @@ pub mod oauth;
 pub mod refresh_access_token;
 pub mod registry;
 pub mod template;
+pub mod validate_access_token;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

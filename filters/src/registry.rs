@@ -43,6 +43,10 @@ pub static KINDS: &[Kind] = &[
         name: "client_credentials",
         build: crate::client_credentials::build,
     },
+    Kind {
+        name: "validate_access_token",
+        build: crate::validate_access_token::build,
+    },
 ];
 
 pub fn find_kind(name: &str) -> Option<&'static Kind> {

@@ -539,3 +539,84 @@ async fn tokens_are_never_stored_or_logged_in_the_clear() {
     assert!(!metrics.contains(at));
     assert!(!metrics.contains(&t.secret));
 }
+
+#[tokio::test]
+async fn metadata_round_trips_to_downstream_attributes_through_a_bearer_check() {
+    let policy = dispatch_policy(
+        "        access_token: { metadata: { Department: Engineering } }",
+        "        access_token: { metadata: { Department: Research, Via: \"${http.header.x-via}\" } }",
+    );
+    let api = r#"
+policies:
+  - name: api
+    route: { path: /api/me, methods: [GET] }
+    chain:
+      - name: check
+        type: validate_access_token
+        required_scopes: [read]
+      - name: answer
+        type: set_response
+        body: '${oauth.client_id}|${oauth.scope}|${oauth.token.metadata.Department}|${oauth.token.metadata.Via}'
+"#;
+    let t = Setup::with_policy(&policy, "read write", "client_credentials,refresh_token").await;
+    t.dir.write("api.yaml", api);
+    t.gw.reload().await.unwrap();
+    let first = t.first_pair("read").await;
+    let call = |token: String| {
+        let addr = t.gw.public_addr;
+        async move {
+            let mut b = tests::request(http::Method::GET, "/api/me");
+            if !token.is_empty() {
+                b = b.header("authorization", token);
+            }
+            tests::send(
+                addr,
+                b.body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let r = call(format!("Bearer {}", s(&first, "access_token"))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), format!("{}|read|Engineering|", t.id));
+
+    // After a refresh, the refresh filter's metadata wins over the original (token values win).
+    let r = post_form(
+        t.gw.public_addr,
+        TOKEN,
+        &[("authorization", &t.auth()), ("x-via", "edge-7")],
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", s(&first, "refresh_token")),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(format!("Bearer {}", s(&r.json(), "access_token"))).await;
+    assert_eq!(r.text(), format!("{}|read|Research|edge-7", t.id));
+
+    // RFC 6750 answers: no token, unknown token, insufficient scope.
+    let r = call(String::new()).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer realm=")
+    );
+    let r = call("Bearer nope".into()).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("error=\"invalid_token\"")
+    );
+    let narrow = t.first_pair("write").await;
+    let r = call(format!("Bearer {}", s(&narrow, "access_token"))).await;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("insufficient_scope")
+    );
+}

@@ -1,0 +1,141 @@
+//! `validate_access_token`: the resource-server side (RFC 6750). Checks the bearer token of the
+//! request against a token store and, when it is live, exposes what was stored with it as
+//! attributes for the nodes after it: `authentication.subject.id`, `oauth.client_id`,
+//! `oauth.scope`, `oauth.token.expires_in` and `oauth.token.metadata.NAME` for every metadata
+//! pair the grant filters stored (the product documents' "additional meta data ... which can
+//! subsequently be retrieved").
+//!
+//! ```yaml
+//! - name: check-token
+//!   type: validate_access_token
+//!   store: tokens
+//!   required_scopes: [read]     # every one must be granted (403 insufficient_scope otherwise)
+//!   realm: api
+//! ```
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use store::{Digest, SharedStore};
+
+use crate::oauth::parse_scope;
+use crate::registry::{BuildContext, BuildError, parse};
+use crate::{Exchange, Failure, Filter, FilterError, Flow, SharedFilter, json_response};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub store: String,
+    pub required_scopes: Vec<String>,
+    pub realm: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            store: "tokens".into(),
+            required_scopes: Vec::new(),
+            realm: "gateway".into(),
+        }
+    }
+}
+
+struct ValidateAccessToken {
+    store: SharedStore,
+    required: Vec<String>,
+    realm: String,
+}
+
+pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter, BuildError> {
+    let c: Config = parse(value)?;
+    if c.realm.contains('"') || c.realm.contains('\\') {
+        return Err(BuildError::at(
+            "realm",
+            "must not contain quotes or backslashes",
+        ));
+    }
+    let store = cx.store("store", &c.store)?;
+    Ok(Arc::new(ValidateAccessToken {
+        store,
+        required: c.required_scopes,
+        realm: c.realm,
+    }))
+}
+
+impl ValidateAccessToken {
+    /// RFC 6750 §3: the challenge, with an error code when the client sent a token.
+    fn deny(&self, status: StatusCode, code: Option<&'static str>, extra: &str) -> Flow {
+        let mut challenge = format!("Bearer realm=\"{}\"", self.realm);
+        if let Some(code) = code {
+            challenge.push_str(&format!(", error=\"{code}\""));
+        }
+        challenge.push_str(extra);
+        let body = match code {
+            Some(code) => serde_json::json!({"error": code}),
+            None => {
+                serde_json::json!({"error": "invalid_request", "error_description": "a bearer token is required"})
+            }
+        };
+        let mut r = json_response(status, &body);
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        Flow::Fail(Failure::new(code.unwrap_or("missing_token"), r))
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`; `Err` when the header is there but malformed.
+fn bearer(ex: &Exchange) -> Option<Result<&str, ()>> {
+    let v = ex.headers().get(header::AUTHORIZATION)?;
+    let v = match v.to_str() {
+        Ok(v) => v.trim(),
+        Err(_) => return Some(Err(())),
+    };
+    match v.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Some(Ok(token.trim()))
+        }
+        _ => Some(Err(())),
+    }
+}
+
+#[async_trait]
+impl Filter for ValidateAccessToken {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        let token = match bearer(ex) {
+            None => return Ok(self.deny(StatusCode::UNAUTHORIZED, None, "")),
+            Some(Err(())) => {
+                return Ok(self.deny(StatusCode::BAD_REQUEST, Some("invalid_request"), ""));
+            }
+            Some(Ok(t)) => t,
+        };
+        let now = store::now();
+        let Some(at) = self.store.access_token(&Digest::of(token), now).await? else {
+            return Ok(self.deny(StatusCode::UNAUTHORIZED, Some("invalid_token"), ""));
+        };
+        let granted = parse_scope(&at.grant.scope);
+        if !self.required.iter().all(|r| granted.contains(r.as_str())) {
+            let scope = format!(", scope=\"{}\"", self.required.join(" "));
+            return Ok(self.deny(StatusCode::FORBIDDEN, Some("insufficient_scope"), &scope));
+        }
+        let g = &at.grant;
+        ex.set("oauth.client_id", g.client_id.clone());
+        ex.set(
+            "authentication.subject.id",
+            g.subject.clone().unwrap_or_else(|| g.client_id.clone()),
+        );
+        ex.set("oauth.scope", g.scope.clone());
+        ex.set(
+            "oauth.token.expires_in",
+            (at.expires_at - now).max(0).to_string(),
+        );
+        for (k, v) in &g.metadata {
+            ex.set(format!("oauth.token.metadata.{k}"), v.clone());
+        }
+        Ok(Flow::Pass)
+    }
+}
