@@ -352,7 +352,7 @@ pub struct Running {
     pub child: std::process::Child,
     pub public: SocketAddr,
     pub admin: SocketAddr,
-    /// The process's stderr (logs) go here.
+    /// The process's stdout and stderr (logs) go here.
     pub log: PathBuf,
     _log_dir: tempfile::TempDir,
 }
@@ -375,7 +375,8 @@ impl Running {
             .arg("--admin")
             .arg(admin.to_string())
             .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
+            // The tracing subscriber writes to stdout; errors before it go to stderr.
+            .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
             .expect("spawn gateway");

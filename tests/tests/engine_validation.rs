@@ -74,19 +74,79 @@ const C_SYNTAX: &str = "policies:\n  - name: broken\n    route: { path: /x\n";
 /// (file, line, column, path, a piece of the message)
 const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
     ("a.yaml", 2, 1, "limitz", "unknown key `limitz`"),
-    ("a.yaml", 4, 3, "limits.max_body_bytez", "unknown field `max_body_bytez`"),
-    ("a.yaml", 9, 24, "policies[0].route.methods", "invalid type: string \"GET\", expected a sequence"),
-    ("a.yaml", 15, 9, "policies[1].chain[0].type", "unknown filter type \"no_such_filter\""),
-    ("a.yaml", 23, 9, "policies[2].chain[0].on_failure", "no node named \"nowhere\""),
+    (
+        "a.yaml",
+        4,
+        3,
+        "limits.max_body_bytez",
+        "unknown field `max_body_bytez`",
+    ),
+    (
+        "a.yaml",
+        9,
+        24,
+        "policies[0].route.methods",
+        "invalid type: string \"GET\", expected a sequence",
+    ),
+    (
+        "a.yaml",
+        15,
+        9,
+        "policies[1].chain[0].type",
+        "unknown filter type \"no_such_filter\"",
+    ),
+    (
+        "a.yaml",
+        23,
+        9,
+        "policies[2].chain[0].on_failure",
+        "no node named \"nowhere\"",
+    ),
     // The cycle is reported on the node where the loop starts (line 27; column: see the
     // ignored test below).
-    ("a.yaml", 27, 0, "policies[3].chain[0]", "the chain loops: one -> two -> one"),
-    ("a.yaml", 41, 11, "policies[4].chain[1].name", "duplicate node name \"same\""),
-    ("a.yaml", 44, 44, "policies[5].chain[0].status", "999 is not an HTTP status"),
-    ("a.yaml", 47, 44, "policies[6].chain[0].body", "environment variable GATEWAY_TEST_SURELY_UNSET is not set"),
-    ("a.yaml", 53, 25, "policies[7].chain[0].access_token.store", "no store named \"tokenz\""),
+    (
+        "a.yaml",
+        27,
+        0,
+        "policies[3].chain[0]",
+        "the chain loops: one -> two -> one",
+    ),
+    (
+        "a.yaml",
+        41,
+        11,
+        "policies[4].chain[1].name",
+        "duplicate node name \"same\"",
+    ),
+    (
+        "a.yaml",
+        44,
+        44,
+        "policies[5].chain[0].status",
+        "999 is not an HTTP status",
+    ),
+    (
+        "a.yaml",
+        47,
+        44,
+        "policies[6].chain[0].body",
+        "environment variable GATEWAY_TEST_SURELY_UNSET is not set",
+    ),
+    (
+        "a.yaml",
+        53,
+        25,
+        "policies[7].chain[0].access_token.store",
+        "no store named \"tokenz\"",
+    ),
     ("b.yaml", 1, 1, "listen", "`listen` is already set at"),
-    ("b.yaml", 3, 5, "policies[0].name", "duplicate policy name \"shared\""),
+    (
+        "b.yaml",
+        3,
+        5,
+        "policies[0].name",
+        "duplicate policy name \"shared\"",
+    ),
     ("c.yaml", 4, 0, "", "invalid YAML"),
 ];
 
@@ -101,9 +161,20 @@ fn file_name(p: &Path) -> String {
 #[tokio::test]
 async fn every_error_class_is_reported_at_once_with_its_location() {
     let dir = invalid_dir();
-    let errors = engine::check(dir.path()).await.expect_err("the set is invalid").0;
-    let listing = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
-    assert_eq!(errors.len(), EXPECTED.len(), "all errors at once:\n{listing}");
+    let errors = engine::check(dir.path())
+        .await
+        .expect_err("the set is invalid")
+        .0;
+    let listing = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        errors.len(),
+        EXPECTED.len(),
+        "all errors at once:\n{listing}"
+    );
     for (e, &(file, line, column, path, msg)) in errors.iter().zip(EXPECTED) {
         assert_eq!(file_name(&e.file), file, "{e}");
         assert_eq!(e.line, line, "{e}");
@@ -132,7 +203,10 @@ async fn block_sequence_items_are_located_at_their_first_key() {
     let errors = engine::check(dir.path()).await.expect_err("invalid").0;
     let cycle = errors.iter().find(|e| e.message.contains("loops")).unwrap();
     assert_eq!((cycle.line, cycle.column), (27, 9), "{cycle}");
-    let dup = errors.iter().find(|e| e.message.contains("duplicate policy")).unwrap();
+    let dup = errors
+        .iter()
+        .find(|e| e.message.contains("duplicate policy"))
+        .unwrap();
     assert!(dup.message.contains("a.yaml:42:5"), "{dup}");
 }
 
@@ -209,7 +283,11 @@ async fn alias_bombs_are_refused_quickly() {
     let dir = PolicyDir::new(&[("bomb.yaml", &bomb)]);
     let started = Instant::now();
     let errors = engine::check(dir.path()).await.expect_err("refused").0;
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(file_name(&errors[0].file), "bomb.yaml", "{}", errors[0]);
 }
 
@@ -234,7 +312,10 @@ fn gateway_check_exits_3_with_every_error_on_stderr_and_0_when_valid() {
             "missing {at} {msg:?} in:\n{stderr}"
         );
     }
-    assert!(stderr.contains(&format!("{} errors", EXPECTED.len())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} errors", EXPECTED.len())),
+        "{stderr}"
+    );
 
     let ok = PolicyDir::new(&[(
         "ok.yaml",
@@ -245,7 +326,12 @@ fn gateway_check_exits_3_with_every_error_on_stderr_and_0_when_valid() {
         .arg(ok.path())
         .output()
         .expect("run gateway check");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -283,7 +369,10 @@ async fn gateway_run_refuses_an_invalid_set_without_listening() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nothing was started"), "{stderr}");
-    assert!(stderr.contains("a.yaml:4:3: limits.max_body_bytez"), "{stderr}");
+    assert!(
+        stderr.contains("a.yaml:4:3: limits.max_body_bytez"),
+        "{stderr}"
+    );
     assert!(tokio::net::TcpStream::connect(public).await.is_err());
     assert!(tokio::net::TcpStream::connect(admin).await.is_err());
 }
