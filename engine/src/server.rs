@@ -60,6 +60,7 @@ pub async fn serve<S, F>(
     // scrapes would otherwise show up as client traffic).
     let counts_connections = type_id_of(&handler) == type_id_of(&public);
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
         let permit = tokio::select! {
@@ -88,7 +89,9 @@ pub async fn serve<S, F>(
         let conn = http.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         let mon = counts_connections.then(|| state.monitoring.clone());
-        tokio::spawn(async move {
+        // Reap finished connections so the set stays the size of the open ones.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             // Decremented on drop, also when the task is cancelled at the end of the drain.
             let _open = mon.as_deref().map(monitoring::Monitoring::connection);
             if let Err(e) = conn.await {
@@ -103,6 +106,9 @@ pub async fn serve<S, F>(
         _ = graceful.shutdown() => tracing::debug!("all connections drained"),
         _ = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain time over; closing remaining connections"),
     }
+    // Whatever is left is closed now (dropping the task drops its socket), so that nothing
+    // keeps running behind a gateway that has stopped.
+    connections.shutdown().await;
 }
 
 fn type_id_of<T: 'static>(_: &T) -> std::any::TypeId {
