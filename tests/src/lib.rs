@@ -361,6 +361,11 @@ impl Running {
     /// `gateway run --policies DIR --listen ... --admin ...` on free loopback ports; returns once
     /// the admin listener answers `/healthz`.
     pub async fn start(dir: &Path) -> Running {
+        Running::start_with_env(dir, &[]).await
+    }
+
+    /// Like [`Running::start`], with extra environment variables (for `${VAR}` expansion).
+    pub async fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Running {
         let public = free_addr();
         let admin = free_addr();
         let log_dir = tempfile::tempdir().expect("temp dir");
@@ -375,6 +380,7 @@ impl Running {
             .arg("--admin")
             .arg(admin.to_string())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             // The tracing subscriber writes to stdout; errors before it go to stderr.
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
@@ -420,7 +426,13 @@ impl Running {
         assert!(ok, "kill -s {name} failed");
     }
 
+    /// The log so far, without terminal colour codes.
     pub fn log_text(&self) -> String {
+        strip_ansi(&self.raw_log_text())
+    }
+
+    /// The log so far, byte for byte.
+    pub fn raw_log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -446,4 +458,23 @@ impl Drop for Running {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
