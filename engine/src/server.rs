@@ -193,11 +193,12 @@ pub async fn public(
         let run = std::panic::AssertUnwindSafe(chain::run(policy, &mut ex, &state.monitoring))
             .catch_unwind()
             .await;
-        // The client as the chain identified it (the OAuth filters set it once the client
+        // The client as the chain identified it (the policy's `monitoring.client_attribute`,
+        // by default `authentication.subject.id`, which the OAuth filters set once the client
         // authenticated); resolved to a bounded label, so no raw value becomes a series.
         let client = state
             .monitoring
-            .client(ex.get(monitoring::DEFAULT_CLIENT_ATTRIBUTE).as_deref());
+            .client(ex.get(&policy.client_attribute).as_deref());
         match run {
             Ok(finished) => Ok((finished, client)),
             Err(_) => {
@@ -235,10 +236,10 @@ pub async fn public(
         ),
     };
     let elapsed = started.elapsed();
-    state
-        .monitoring
-        .service(&policy.service)
-        .record(client, outcome, elapsed);
+    // `None` when the policy's `monitoring.enabled` is false.
+    if let Some(service) = &policy.metrics {
+        service.record(client, outcome, elapsed);
+    }
     if tracing::enabled!(tracing::Level::INFO) {
         let nodes: Vec<&str> = trail
             .iter()
