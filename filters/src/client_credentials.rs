@@ -216,8 +216,7 @@ impl ClientCredentials {
 #[async_trait]
 impl Filter for ClientCredentials {
     async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let flow = self.grant(ex).await;
-        flow
+        self.grant(ex).await
     }
 
     fn monitoring(&self) -> Option<&MonitoringConfig> {

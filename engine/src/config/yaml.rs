@@ -60,6 +60,9 @@ enum Frame {
         path: String,
         pending_key: Option<String>,
         expecting_key: bool,
+        /// A mapping that is a sequence item: its event mark can stand past its first key,
+        /// so its position is taken from that key instead.
+        item: bool,
     },
     Seq {
         path: String,
@@ -97,12 +100,16 @@ impl Recorder {
                 path,
                 pending_key,
                 expecting_key,
+                item,
             }) => {
                 if *expecting_key {
                     *expecting_key = false;
                     if is_scalar {
                         let k = key(path, scalar.unwrap_or(""));
                         self.positions.map.insert(k.clone(), pos);
+                        if std::mem::take(item) {
+                            self.positions.map.insert(path.clone(), pos);
+                        }
                         *pending_key = Some(k);
                     } else {
                         // A complex key: positions below it are not addressable by path.
@@ -136,12 +143,14 @@ impl MarkedEventReceiver for Recorder {
                         ..
                     })
                 );
+                let item = matches!(self.stack.last(), Some(Frame::Seq { .. }));
                 let path = self.begin_node(mark, false, None).unwrap_or_default();
                 let path = if was_key { "?".to_owned() } else { path };
                 self.stack.push(Frame::Map {
                     path,
                     pending_key: None,
                     expecting_key: true,
+                    item,
                 });
             }
             Event::SequenceStart(..) => {
@@ -165,6 +174,7 @@ impl MarkedEventReceiver for Recorder {
 }
 
 /// One parsed YAML file.
+#[derive(Debug)]
 pub struct Document {
     pub file: PathBuf,
     pub value: Value,
