@@ -130,7 +130,7 @@ pub async fn public(
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
     });
-    let host = host.map(|h| h.rsplit_once(':').map(|(a, _)| a).unwrap_or(h));
+    let host = host.map(strip_port);
     let policy = match runtime.router.find(host, parts.uri.path(), &parts.method) {
         RouteMatch::Policy(i) => &runtime.policies[i],
         RouteMatch::NotFound => {
@@ -159,7 +159,8 @@ pub async fn public(
     };
     let _in_flight = state.monitoring.in_flight();
     let started = std::time::Instant::now();
-    let deadline = Duration::from_secs(limits.request_timeout_secs.max(1));
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(limits.request_timeout_secs.max(1));
     let max_body = limits.max_body_bytes;
     let work = async {
         let declared = parts
@@ -170,21 +171,35 @@ pub async fn public(
         if declared.is_some_and(|n| n > max_body as u64) {
             return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
         }
-        let body = match Limited::new(body, max_body).collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e)
+        // A body still arriving at the deadline is the client's delay (408), not ours (504).
+        let read = tokio::time::timeout_at(deadline, Limited::new(body, max_body).collect());
+        let body = match read.await {
+            Err(_) => {
+                return Err((
+                    closing(error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "invalid_request",
+                        "the request body did not arrive in time",
+                    )),
+                    monitoring::ClientLabel::ANONYMOUS,
+                ));
+            }
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e))
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
                 return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
             }
-            Err(_) => {
+            Ok(Err(_)) => {
+                // Broken framing (a bad chunk size): nothing after it on this connection can
+                // be trusted.
                 return Err((
-                    error(
+                    closing(error(
                         StatusCode::BAD_REQUEST,
                         "invalid_request",
                         "the request body could not be read",
-                    ),
+                    )),
                     monitoring::ClientLabel::ANONYMOUS,
                 ));
             }
@@ -214,7 +229,7 @@ pub async fn public(
             }
         }
     };
-    let (response, outcome, trail, client) = match tokio::time::timeout(deadline, work).await {
+    let (response, outcome, trail, client) = match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok((f, client))) => (f.response, f.outcome, f.trail, client),
         Ok(Err((r, client))) => {
             let o = if r.status().is_server_error() {
@@ -256,12 +271,25 @@ pub async fn public(
     to_hyper(response)
 }
 
+/// `host:port` -> `host`; `[v6]:port` -> `[v6]` (a bare `[v6]` stays whole).
+fn strip_port(host: &str) -> &str {
+    match host.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(host, |i| &host[..i + 2]),
+        None => host.split_once(':').map_or(host, |(h, _)| h),
+    }
+}
+
 fn too_large() -> Response {
-    let mut r = error(
+    // The rest of the body is never read: the connection cannot carry another request.
+    closing(error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "invalid_request",
         "the request body is too large",
-    );
+    ))
+}
+
+/// Asks hyper to close the connection after this response.
+fn closing(mut r: Response) -> Response {
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r

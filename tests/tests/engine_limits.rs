@@ -400,3 +400,21 @@ async fn idle_connections_are_closed_at_the_header_read_timeout() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_408_and_closed() {
+    let (_dir, gw) = gateway().await;
+    let started = Instant::now();
+    // Head complete, body promised (10 bytes) but only 2 sent.
+    let mut req = form_head(10).into_bytes();
+    req.extend(b"b=");
+    let r = raw(gw.public_addr, &req, Duration::from_secs(4)).await;
+    let took = started.elapsed();
+    assert_eq!(r.statuses(), [408], "{}", r.text());
+    assert!(r.closed);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2300),
+        "answered after {took:?}; request_timeout_secs is 1"
+    );
+    gw.shutdown().await;
+}

@@ -29,6 +29,9 @@ policies:
   - name: host-only
     route: { path: /only-host, host: only.example }
     chain: [{ name: r, type: set_response, body: only }]
+  - name: v6
+    route: { path: /v6, host: "[::1]" }
+    chain: [{ name: r, type: set_response, body: v6 }]
   - name: writes
     route: { path: /submit, methods: [POST, put] }
     chain: [{ name: r, type: set_response, status: 201, body: created }]
@@ -89,6 +92,13 @@ async fn host_matching() {
     );
     let r = get_host(a, "/only-host", "else.example").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // IPv6 literals keep their colons; only the port goes.
+    assert_eq!(get_host(a, "/v6", "[::1]:8080").await.text(), "v6");
+    assert_eq!(get_host(a, "/v6", "[::1]").await.text(), "v6");
+    assert_eq!(
+        get_host(a, "/v6", "[::2]:8080").await.status,
+        StatusCode::NOT_FOUND
+    );
     gw.shutdown().await;
 }
 
