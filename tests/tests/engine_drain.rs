@@ -56,7 +56,7 @@ async fn shutdown_lets_in_flight_requests_finish_and_refuses_new_connections() {
     let n = idle_conn.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
-    let slow: Vec<_> = (0..8)
+    let slow: Vec<_> = (0..50)
         .map(|_| tokio::spawn(async move { get(a, "/slow").await }))
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
