@@ -175,7 +175,6 @@ async fn python_http_client_against_the_binary() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: monitoring/src/logging.rs writes ANSI colour codes to a log that is not a terminal"]
 async fn logs_written_to_a_file_have_no_colour_codes() {
     let dir = PolicyDir::new(&[("p.yaml", POLICIES)]);
     let gw = Running::start_with_env(dir.path(), &[("GATEWAY_TEST_GREETING", "x")]).await;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tests::{PolicyDir, Resp, basic, gateway_bin, get, post_form};
+use tests::{PolicyDir, Resp, basic, built_gateway_bin, get, post_form};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -56,7 +56,7 @@ impl Process {
     async fn start(dir: &Path) -> Process {
         let public = free_port();
         let admin = free_port();
-        let child = Command::new(gateway_bin())
+        let child = Command::new(built_gateway_bin())
             .args(["run", "--policies"])
             .arg(dir)
             .args([
@@ -348,7 +348,7 @@ async fn sqlite_loses_nothing_answered_when_killed_under_refresh_load() {
         .map(|_| Arc::new(AtomicBool::new(false)))
         .collect();
     let mut loops = Vec::new();
-    for flag in stop.iter().cloned() {
+    for flag in stop.clone() {
         let auth = auth.clone();
         let addr = gw.public;
         let first = rt_of(&first_pair(addr, &auth).await);
