@@ -97,9 +97,14 @@ impl Drop for PgSchema {
                 .build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
-                    if let Ok(pool) = sqlx::PgPool::connect(&url).await {
+                    use sqlx::Connection;
+                    // One attempt, bounded: a pool would retry an unreachable server for 30 s.
+                    let connect = sqlx::PgConnection::connect(&url);
+                    if let Ok(Ok(mut conn)) =
+                        tokio::time::timeout(std::time::Duration::from_secs(3), connect).await
+                    {
                         let sql = format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE");
-                        let _ = sqlx::query(&sql).execute(&pool).await;
+                        let _ = sqlx::query(&sql).execute(&mut conn).await;
                     }
                 });
             }
