@@ -33,7 +33,8 @@ pub struct MemoryConfig {
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqlConfig {
-    /// `sqlite://data/tokens.db` or `postgres://user@host/db`; `${ENV}` is expanded at load.
+    /// `sqlite://data/tokens.db` or `postgres://user@host/db`. `${NAME}` is taken from the
+    /// environment when the store connects ([`expand_env`]), so passwords stay out of files.
     pub url: String,
     #[serde(default = "default_pool")]
     pub max_connections: u32,
