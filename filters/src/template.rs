@@ -1,7 +1,9 @@
 //! `${attribute}` templates in YAML strings (response bodies, header values, token metadata).
 //!
 //! Parsed once at build time into literal and attribute parts. `$${` writes a literal `${`.
-//! An attribute that is not set renders as the empty string. (Upper-case `${NAME}` references
+//! An attribute that is not set renders as the empty string. `${name|json}` escapes the value
+//! for the inside of a JSON string (quotes, backslashes, control characters), so request data
+//! cannot break out of a JSON body. (Upper-case `${NAME}` references
 //! to environment variables were already expanded when the policy was loaded.)
 
 use crate::Exchange;
@@ -9,7 +11,7 @@ use crate::Exchange;
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
     Literal(String),
-    Attribute(String),
+    Attribute { name: String, json: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,14 +34,21 @@ impl Template {
                 let end = tail
                     .find('}')
                     .ok_or_else(|| format!("unclosed `${{` in {source:?}"))?;
-                let name = tail[..end].trim();
+                let inner = tail[..end].trim();
+                let (name, json) = match inner.split_once('|') {
+                    None => (inner, false),
+                    Some((n, "json")) => (n.trim(), true),
+                    Some((_, other)) => {
+                        return Err(format!("unknown template filter `|{other}` (known: |json)"));
+                    }
+                };
                 if name.is_empty() {
                     return Err("empty `${}` in template".into());
                 }
                 if !literal.is_empty() {
                     parts.push(Part::Literal(std::mem::take(&mut literal)));
                 }
-                parts.push(Part::Attribute(name.to_owned()));
+                parts.push(Part::Attribute { name: name.to_owned(), json });
                 rest = &tail[end + 1..];
             } else {
                 literal.push('$');
@@ -67,9 +76,13 @@ impl Template {
                 for p in parts {
                     match p {
                         Part::Literal(s) => out.push_str(s),
-                        Part::Attribute(a) => {
-                            if let Some(v) = ex.get(a) {
-                                out.push_str(&v);
+                        Part::Attribute { name, json } => {
+                            if let Some(v) = ex.get(name) {
+                                if *json {
+                                    push_json_escaped(&mut out, &v);
+                                } else {
+                                    out.push_str(&v);
+                                }
                             }
                         }
                     }
@@ -78,6 +91,12 @@ impl Template {
             }
         }
     }
+}
+
+fn push_json_escaped(out: &mut String, v: &str) {
+    // serde_json writes a quoted string; keep what is between the quotes.
+    let quoted = serde_json::Value::from(v).to_string();
+    out.push_str(&quoted[1..quoted.len() - 1]);
 }
 
 #[cfg(test)]
@@ -102,6 +121,17 @@ mod tests {
         assert_eq!(t.render(&ex()), "hello ada at /p; |${raw} $5");
         assert!(!t.is_constant());
         assert!(Template::parse("plain").unwrap().is_constant());
+    }
+
+    #[test]
+    fn json_filter_escapes_request_data() {
+        let mut e = ex();
+        e.set("evil", "a\"b\\c\n</x>");
+        let t = Template::parse(r#"{"v":"${evil|json}"}"#).unwrap();
+        let out = t.render(&e);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("still valid JSON");
+        assert_eq!(v["v"], "a\"b\\c\n</x>");
+        assert!(Template::parse("${a|yaml}").is_err());
     }
 
     #[test]
