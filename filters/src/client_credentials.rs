@@ -197,6 +197,7 @@ impl ClientCredentials {
                 expires_at: now + self.refresh.expiry_secs as i64,
             }),
             replay: None,
+            access_grant: None,
         };
         self.monitor.time("issue", self.store.issue(issue)).await?;
         ex.set("oauth.scope", scope.clone());

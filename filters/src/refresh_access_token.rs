@@ -268,11 +268,19 @@ impl RefreshAccessToken {
                 .refresh
                 .generate
                 .then(|| oauth::generate_token(self.refresh.length));
+            // The new refresh token keeps the presented one's scope (RFC 6749 §6); only the
+            // access token carries a narrowed scope.
             let grant = Arc::new(Grant {
                 client_id: old.grant.client_id.clone(),
                 subject: old.grant.subject.clone(),
-                scope: scope.clone(),
+                scope: old.grant.scope.clone(),
                 metadata,
+            });
+            let access_grant = (scope != old.grant.scope).then(|| {
+                Arc::new(Grant {
+                    scope: scope.clone(),
+                    ..(*grant).clone()
+                })
             });
             let replay = (self.refresh.reuse_grace_secs > 0)
                 .then(|| {
@@ -304,6 +312,7 @@ impl RefreshAccessToken {
                     expires_at: now + self.refresh.expiry_secs as i64,
                 }),
                 replay,
+                access_grant,
             };
             *minted.lock().expect("minted lock") = Some(Minted {
                 access,

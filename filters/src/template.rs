@@ -48,7 +48,10 @@ impl Template {
                 if !literal.is_empty() {
                     parts.push(Part::Literal(std::mem::take(&mut literal)));
                 }
-                parts.push(Part::Attribute { name: name.to_owned(), json });
+                parts.push(Part::Attribute {
+                    name: name.to_owned(),
+                    json,
+                });
                 rest = &tail[end + 1..];
             } else {
                 literal.push('$');

@@ -125,6 +125,10 @@ pub struct Issue {
     pub issued_at: UnixTime,
     pub access: NewToken,
     pub refresh: Option<NewToken>,
+    /// The access token's own grant, when it differs from `grant`: a refresh that narrowed
+    /// the scope gives the access token the narrower scope, while the new refresh token keeps
+    /// the scope of the one presented (RFC 6749 §6). `None`: both use `grant`.
+    pub access_grant: Option<Arc<Grant>>,
     /// For idempotent replay (`reuse_grace_secs`): the response that carried this issue,
     /// sealed with a key derived from the *presented* refresh token (see
     /// [`Replay`]); the store only keeps the ciphertext.

@@ -186,7 +186,7 @@ impl MemoryStore {
         self.cache.insert(
             issue.access.digest,
             Entry::new(
-                issue.grant.clone(),
+                issue.access_grant.as_ref().unwrap_or(&issue.grant).clone(),
                 family,
                 generation,
                 issue.issued_at,

@@ -459,10 +459,12 @@ impl TokenStore for SqlStore {
 
     async fn issue(&self, issue: Issue) -> StoreResult<()> {
         let meta = metadata_json(&issue.grant)?;
+        let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
+        let access_meta = metadata_json(access_grant)?;
         let family = family_bytes(issue.family);
         let generation = i64::from(issue.generation);
         in_write_tx!(self, map_err, tx => {
-            bind_token!(INSERT_ACCESS, issue.access, issue.grant, &meta, issue.issued_at, family, generation)
+            bind_token!(INSERT_ACCESS, issue.access, access_grant, &access_meta, issue.issued_at, family, generation)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
@@ -531,9 +533,11 @@ impl TokenStore for SqlStore {
                 RotateDecision::Rotate(issue) => issue,
             };
             let meta = metadata_json(&issue.grant)?;
+            let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
+            let access_meta = metadata_json(access_grant)?;
             let family = family_bytes(consumed.family);
             let generation = i64::from(consumed.generation) + 1;
-            bind_token!(INSERT_ACCESS, issue.access, issue.grant, &meta, issue.issued_at, family, generation)
+            bind_token!(INSERT_ACCESS, issue.access, access_grant, &access_meta, issue.issued_at, family, generation)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;

@@ -68,6 +68,7 @@ pub fn new_issue(
             expires_at: now + refresh_ttl,
         }),
         replay: None,
+        access_grant: None,
     };
     (issue, pair)
 }

@@ -365,9 +365,24 @@ async fn scope_narrowing_is_allowed_and_widening_refused() {
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["scope"], "read");
+    let at = t
+        .store()
+        .access_token(&Digest::of(s(&v, "access_token")), store::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        at.grant.scope, "read",
+        "the access token carries the narrowed scope"
+    );
     // Widening beyond the original grant fails even though the client is registered for it.
     let r = t.refresh(s(&v, "refresh_token"), Some("read admin")).await;
     assert_error(&r, 400, "invalid_scope");
+    // RFC 6749 §6: the new refresh token's scope is the presented one's, so the next refresh
+    // without a scope gets the original grant back.
+    let r = t.refresh(s(&v, "refresh_token"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["scope"], "read write");
 }
 
 #[tokio::test]
