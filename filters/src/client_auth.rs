@@ -144,6 +144,90 @@ impl ApplicationValidation {
     }
 }
 
+/// The grant a grant filter serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantType {
+    RefreshToken,
+    ClientCredentials,
+}
+
+impl GrantType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::RefreshToken => "refresh_token",
+            GrantType::ClientCredentials => "client_credentials",
+        }
+    }
+
+    fn unsupported(self) -> &'static str {
+        match self {
+            GrantType::RefreshToken => "this endpoint serves grant_type=refresh_token",
+            GrantType::ClientCredentials => "this endpoint serves grant_type=client_credentials",
+        }
+    }
+
+    fn unauthorized(self) -> &'static str {
+        match self {
+            GrantType::RefreshToken => "this client may not use the refresh_token grant",
+            GrantType::ClientCredentials => "this client may not use the client_credentials grant",
+        }
+    }
+}
+
+impl ApplicationValidation {
+    /// What every grant filter starts with: a form body, the expected `grant_type`, and an
+    /// authenticated, enabled client allowed to use that grant. On success the client id is
+    /// set in `oauth.client_id` and in `client_attribute` (the monitoring settings' attribute
+    /// that identifies the client). `Ok(Err(_))` is the OAuth error to answer.
+    pub async fn admit(
+        &self,
+        ex: &mut Exchange,
+        grant: GrantType,
+        client_attribute: &str,
+    ) -> Result<Result<Arc<ClientApplication>, OAuthError>, FilterError> {
+        if !ex.is_form() {
+            return Ok(Err(OAuthError::new(
+                ErrorCode::InvalidRequest,
+                "expected an application/x-www-form-urlencoded body",
+            )));
+        }
+        match ex.form().single("grant_type") {
+            Param::Value(v) if v == grant.as_str() => {}
+            Param::Value(v) if !v.is_empty() => {
+                return Ok(Err(OAuthError::new(
+                    ErrorCode::UnsupportedGrantType,
+                    grant.unsupported(),
+                )));
+            }
+            Param::Repeated => {
+                return Ok(Err(OAuthError::new(
+                    ErrorCode::InvalidRequest,
+                    "grant_type is repeated",
+                )));
+            }
+            _ => {
+                return Ok(Err(OAuthError::new(
+                    ErrorCode::InvalidRequest,
+                    "grant_type is missing",
+                )));
+            }
+        }
+        let app = match self.authenticate(ex).await? {
+            Ok(app) => app,
+            Err(e) => return Ok(Err(e)),
+        };
+        ex.set("oauth.client_id", app.client_id.clone());
+        ex.set(client_attribute.to_owned(), app.client_id.clone());
+        if !app.allows_grant(grant.as_str()) {
+            return Ok(Err(OAuthError::new(
+                ErrorCode::UnauthorizedClient,
+                grant.unauthorized(),
+            )));
+        }
+        Ok(Ok(app))
+    }
+}
+
 /// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1 form-encodes both).
 pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
     let v = std::str::from_utf8(value).ok()?.trim();

@@ -20,11 +20,11 @@ use serde::Deserialize;
 use store::{Digest, FamilyId, Grant, Issue, NewToken, SharedStore};
 
 use crate::attributes::Param;
-use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig};
+use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig, GrantType};
 use crate::monitor::{FilterMonitor, MonitoringConfig};
 use crate::oauth::{
-    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_expiry, check_length,
-    join_scope, parse_scope,
+    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_token_settings, join_scope,
+    parse_scope,
 };
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
@@ -67,12 +67,11 @@ struct ClientCredentials {
 
 pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter, BuildError> {
     let c: Config = parse(value)?;
-    check_length("access_token.length", c.access_token.length)?;
-    check_expiry("access_token.expiry_secs", c.access_token.expiry_secs)?;
-    if c.include_refresh_token {
-        check_length("refresh_token.length", c.refresh_token.length)?;
-        check_expiry("refresh_token.expiry_secs", c.refresh_token.expiry_secs)?;
-    }
+    check_token_settings(
+        &c.access_token,
+        c.include_refresh_token
+            .then_some((c.refresh_token.expiry_secs, c.refresh_token.length)),
+    )?;
     let store = cx.store("access_token.store", &c.access_token.store)?;
     let metadata = Metadata::build("access_token.metadata", &c.access_token.metadata)?;
     let validation = ApplicationValidation::build(c.application_validation, cx)?;
@@ -94,51 +93,15 @@ impl ClientCredentials {
     }
 
     async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        if !ex.is_form() {
-            let e = OAuthError::new(
-                ErrorCode::InvalidRequest,
-                "expected an application/x-www-form-urlencoded body",
-            );
-            return Ok(self.fail(ex, e));
-        }
-        match ex.form().single("grant_type") {
-            Param::Value("client_credentials") => {}
-            Param::Value(v) if !v.is_empty() => {
-                let e = OAuthError::new(
-                    ErrorCode::UnsupportedGrantType,
-                    "this endpoint serves grant_type=client_credentials",
-                );
-                return Ok(self.fail(ex, e));
-            }
-            Param::Repeated => {
-                return Ok(self.fail(
-                    ex,
-                    OAuthError::new(ErrorCode::InvalidRequest, "grant_type is repeated"),
-                ));
-            }
-            _ => {
-                return Ok(self.fail(
-                    ex,
-                    OAuthError::new(ErrorCode::InvalidRequest, "grant_type is missing"),
-                ));
-            }
-        }
-        let app = match self.validation.authenticate(ex).await? {
+        let attribute = &self.monitor.config.client_attribute;
+        let app = match self
+            .validation
+            .admit(ex, GrantType::ClientCredentials, attribute)
+            .await?
+        {
             Ok(app) => app,
             Err(e) => return Ok(self.fail(ex, e)),
         };
-        ex.set("oauth.client_id", app.client_id.clone());
-        ex.set(
-            self.monitor.config.client_attribute.clone(),
-            app.client_id.clone(),
-        );
-        if !app.allows_grant("client_credentials") {
-            let e = OAuthError::new(
-                ErrorCode::UnauthorizedClient,
-                "this client may not use the client_credentials grant",
-            );
-            return Ok(self.fail(ex, e));
-        }
         let scope = match ex.form().single("scope") {
             Param::Repeated => {
                 return Ok(self.fail(

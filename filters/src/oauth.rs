@@ -188,6 +188,24 @@ pub fn check_expiry(path: &str, secs: u64) -> Result<(), BuildError> {
     }
 }
 
+/// The lifetime and length checks both grant filters make at build time; `refresh` is the
+/// refresh token's `(expiry_secs, length)` when one is issued.
+pub fn check_token_settings(
+    access: &AccessTokenConfig,
+    refresh: Option<(u64, usize)>,
+) -> Result<(), BuildError> {
+    check_length("access_token.length", access.length)?;
+    check_expiry("access_token.expiry_secs", access.expiry_secs)?;
+    if let Some((expiry, length)) = refresh {
+        check_length("refresh_token.length", length)?;
+        check_expiry("refresh_token.expiry_secs", expiry)?;
+    }
+    if access.token_type.trim().is_empty() {
+        return Err(BuildError::at("access_token.type", "must not be empty"));
+    }
+    Ok(())
+}
+
 /// Metadata templates, parsed once.
 pub struct Metadata(Vec<(String, Template)>);
 

@@ -38,11 +38,11 @@ use sha2::{Digest as _, Sha256};
 use store::{Digest, Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcome, SharedStore};
 
 use crate::attributes::Param;
-use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig};
+use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig, GrantType};
 use crate::monitor::{FilterMonitor, MonitoringConfig};
 use crate::oauth::{
-    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_expiry, check_length,
-    join_scope, parse_scope,
+    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_token_settings, join_scope,
+    parse_scope,
 };
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
@@ -92,20 +92,17 @@ struct RefreshAccessToken {
 
 pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter, BuildError> {
     let c: Config = parse(value)?;
-    check_length("access_token.length", c.access_token.length)?;
-    check_expiry("access_token.expiry_secs", c.access_token.expiry_secs)?;
-    if c.refresh_token.generate {
-        check_length("refresh_token.length", c.refresh_token.length)?;
-        check_expiry("refresh_token.expiry_secs", c.refresh_token.expiry_secs)?;
-    }
+    check_token_settings(
+        &c.access_token,
+        c.refresh_token
+            .generate
+            .then_some((c.refresh_token.expiry_secs, c.refresh_token.length)),
+    )?;
     if c.refresh_token.reuse_grace_secs > 300 {
         return Err(BuildError::at(
             "refresh_token.reuse_grace_secs",
             "at most 300 s: a longer window weakens reuse detection",
         ));
-    }
-    if c.access_token.token_type.trim().is_empty() {
-        return Err(BuildError::at("access_token.type", "must not be empty"));
     }
     let store = cx.store("access_token.store", &c.access_token.store)?;
     let metadata = Metadata::build("access_token.metadata", &c.access_token.metadata)?;
@@ -170,50 +167,18 @@ impl RefreshAccessToken {
     }
 
     async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        if !ex.is_form() {
-            let e = OAuthError::new(
-                ErrorCode::InvalidRequest,
-                "expected an application/x-www-form-urlencoded body",
-            );
-            return Ok(self.fail(ex, e, "invalid_request"));
-        }
-        match ex.form().single("grant_type") {
-            Param::Value("refresh_token") => {}
-            Param::Value(v) if !v.is_empty() => {
-                let e = OAuthError::new(
-                    ErrorCode::UnsupportedGrantType,
-                    "this endpoint serves grant_type=refresh_token",
-                );
-                return Ok(self.fail(ex, e, "unsupported_grant_type"));
-            }
-            Param::Repeated => {
-                let e = OAuthError::new(ErrorCode::InvalidRequest, "grant_type is repeated");
-                return Ok(self.fail(ex, e, "invalid_request"));
-            }
-            _ => {
-                let e = OAuthError::new(ErrorCode::InvalidRequest, "grant_type is missing");
-                return Ok(self.fail(ex, e, "invalid_request"));
-            }
-        }
-        let app = match self.validation.authenticate(ex).await? {
+        let attribute = &self.monitor.config.client_attribute;
+        let app = match self
+            .validation
+            .admit(ex, GrantType::RefreshToken, attribute)
+            .await?
+        {
             Ok(app) => app,
             Err(e) => {
                 let outcome = e.code.as_str();
                 return Ok(self.fail(ex, e, outcome));
             }
         };
-        ex.set("oauth.client_id", app.client_id.clone());
-        ex.set(
-            self.monitor.config.client_attribute.clone(),
-            app.client_id.clone(),
-        );
-        if !app.allows_grant("refresh_token") {
-            let e = OAuthError::new(
-                ErrorCode::UnauthorizedClient,
-                "this client may not use the refresh_token grant",
-            );
-            return Ok(self.fail(ex, e, "unauthorized_client"));
-        }
         let presented = match ex.form().single("refresh_token") {
             Param::Repeated => {
                 let e = OAuthError::new(ErrorCode::InvalidRequest, "refresh_token is repeated");
