@@ -168,6 +168,7 @@ impl Gateway {
             known_clients,
             tokio::spawn(server::serve(
                 public_l,
+                server::Listener::Public,
                 limits.clone(),
                 rx.clone(),
                 state.clone(),
@@ -175,6 +176,7 @@ impl Gateway {
             )),
             tokio::spawn(server::serve(
                 admin_l,
+                server::Listener::Admin,
                 limits,
                 rx,
                 state.clone(),

@@ -37,10 +37,19 @@ fn error(status: StatusCode, code: &str, description: &str) -> Response {
     )
 }
 
+/// Which listener a [`serve`] loop runs: `gateway_connections_open` counts the public
+/// listener's connections only (admin scrapes would otherwise show up as client traffic).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Public,
+    Admin,
+}
+
 /// Accepts connections until `shutdown` flips, then drains: connections stop keep-alive,
 /// in-flight requests finish, and after `drain` whatever is left is dropped.
 pub async fn serve<S, F>(
     listener: TcpListener,
+    kind: Listener,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
     state: Arc<State>,
@@ -56,9 +65,7 @@ pub async fn serve<S, F>(
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) + limits.max_body_bytes.max(8192))
         .keep_alive(limits.keep_alive);
-    // `gateway_connections_open` counts the public listener's connections only (admin
-    // scrapes would otherwise show up as client traffic).
-    let counts_connections = type_id_of(&handler) == type_id_of(&public);
+    let counts_connections = kind == Listener::Public;
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -109,10 +116,6 @@ pub async fn serve<S, F>(
     // Whatever is left is closed now (dropping the task drops its socket), so that nothing
     // keeps running behind a gateway that has stopped.
     connections.shutdown().await;
-}
-
-fn type_id_of<T: 'static>(_: &T) -> std::any::TypeId {
-    std::any::TypeId::of::<T>()
 }
 
 /// The public listener's handler: route, read the body within its limit, run the chain.
