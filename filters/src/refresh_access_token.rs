@@ -379,6 +379,104 @@ impl Filter for RefreshAccessToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use store::clients::{ClientApplication, ClientRegistry};
+    use store::{AccessToken, FamilyId, StoreError, StoreResult, TokenStore, UnixTime};
+
+    /// A store whose every refresh token has already been rotated and whose revocations fail:
+    /// the moment reuse is detected while the database goes away.
+    struct RevocationFails;
+
+    #[async_trait]
+    impl TokenStore for RevocationFails {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        async fn issue(&self, _: Issue) -> StoreResult<()> {
+            Ok(())
+        }
+        async fn access_token(&self, _: &Digest, _: UnixTime) -> StoreResult<Option<AccessToken>> {
+            Ok(None)
+        }
+        async fn rotate(
+            &self,
+            _: &Digest,
+            _: &str,
+            _: UnixTime,
+            _: &(dyn for<'a> Fn(&'a store::RefreshToken) -> RotateDecision + Send + Sync),
+        ) -> StoreResult<RotateOutcome> {
+            Ok(RotateOutcome::AlreadyRotated {
+                family: FamilyId(7),
+                replay: None,
+            })
+        }
+        async fn revoke_token(&self, _: &Digest) -> StoreResult<bool> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn revoke_family(&self, _: FamilyId) -> StoreResult<u64> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn purge_expired(&self, _: UnixTime) -> StoreResult<u64> {
+            Ok(0)
+        }
+        async fn count_live(&self, _: UnixTime) -> StoreResult<u64> {
+            Ok(0)
+        }
+        async fn ping(&self) -> StoreResult<()> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revocation_that_could_not_be_written_never_answers_200() {
+        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
+        registry
+            .add(ClientApplication {
+                client_id: "app".into(),
+                name: "app".into(),
+                secret_digest: Digest::of("s3cret"),
+                enabled: true,
+                scopes: vec!["read".into()],
+                grant_types: vec!["refresh_token".into()],
+                created_at: 0,
+            })
+            .await
+            .unwrap();
+        let stores: HashMap<String, store::SharedStore> = HashMap::from([(
+            "tokens".to_owned(),
+            Arc::new(RevocationFails) as store::SharedStore,
+        )]);
+        let cx = BuildContext {
+            stores: &stores,
+            registry: Some(registry),
+            monitoring: Arc::new(monitoring::Monitoring::new()),
+            policy: "p",
+            node: "refresh",
+            warnings: RefCell::new(Vec::new()),
+        };
+        let filter = build(serde_yaml::from_str("{}").unwrap(), &cx).unwrap();
+        let (parts, ()) = http::Request::post("/oauth/token")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("authorization", "Basic YXBwOnMzY3JldA==") // app:s3cret
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut ex = Exchange::new(
+            parts,
+            Bytes::from_static(b"grant_type=refresh_token&refresh_token=old"),
+        );
+        let flow = filter.on_request(&mut ex).await;
+        let err = flow.expect_err("reuse detected but not revoked must be an error, not an answer");
+        assert!(matches!(err, FilterError::Unavailable(_)));
+        assert_eq!(err.to_response().status(), 503);
+        assert!(
+            err.to_response()
+                .headers()
+                .contains_key(http::header::RETRY_AFTER)
+        );
+    }
 
     #[test]
     fn sealed_responses_open_only_with_the_presented_token() {
