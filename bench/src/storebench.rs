@@ -1,0 +1,218 @@
+//! Store-level references, run without HTTP in a process of their own:
+//!
+//! - `rotate_loop`: the refresh grant's store work alone (`SqlStore::connect` +
+//!   `TokenStore::rotate` with a decision that mints a successor pair, as the filter's does),
+//!   `tasks` chains at once on a runtime with the same worker count as the gateway. This is the
+//!   denominator of the `refresh-sqlite >= 0.75x` target.
+//! - `memory_per_token`: RSS delta per entry for N entries in the moka `MemoryStore`, or in a
+//!   plain `std::collections::HashMap<[u8; 32], _>` holding the same fields (the baseline).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use store::{
+    Digest, FamilyId, Grant, Issue, NewToken, RefreshToken, RotateDecision, RotateOutcome,
+    TokenStore,
+};
+
+use crate::procfs;
+
+fn random_digest() -> Digest {
+    Digest(rand::random())
+}
+
+fn grant(client_id: &str) -> Arc<Grant> {
+    Arc::new(Grant {
+        client_id: client_id.to_owned(),
+        subject: None,
+        scope: "read".to_owned(),
+        metadata: BTreeMap::new(),
+    })
+}
+
+fn new_issue(grant: Arc<Grant>, family: FamilyId, generation: u32, now: i64) -> Issue {
+    Issue {
+        grant,
+        family,
+        generation,
+        issued_at: now,
+        access: NewToken {
+            digest: random_digest(),
+            expires_at: now + 3600,
+        },
+        refresh: Some(NewToken {
+            digest: random_digest(),
+            expires_at: now + 43200,
+        }),
+        access_grant: None,
+        replay: None,
+    }
+}
+
+/// The figures of a store-only rotation run (the measured window only).
+pub struct RotateRun {
+    pub rotations: u64,
+    pub failures: u64,
+    pub elapsed_secs: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Rotates `tasks` refresh chains in `store` back to back for `warmup + duration`; `on_phase`
+/// is called as the measured window opens ("START") and closes ("STOP").
+pub async fn rotate_loop(
+    store: Arc<dyn TokenStore>,
+    tasks: usize,
+    warmup: Duration,
+    duration: Duration,
+    on_phase: impl Fn(&str),
+) -> anyhow::Result<RotateRun> {
+    const CLIENT: &str = "bench-client";
+    let phase = Arc::new(AtomicU8::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let store = store.clone();
+        let phase = phase.clone();
+        let failures = failures.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 14);
+            let now = store::now();
+            let first = new_issue(grant(CLIENT), FamilyId::random(), 0, now);
+            let mut presented = first.refresh.expect("refresh").digest;
+            store.issue(first).await?;
+            while phase.load(Ordering::Relaxed) != 2 {
+                let now = store::now();
+                let (access, refresh) = (random_digest(), random_digest());
+                let decide = |old: &RefreshToken| {
+                    RotateDecision::Rotate(Issue {
+                        grant: Arc::new(Grant::clone(&old.grant)),
+                        family: old.family,
+                        generation: old.generation + 1,
+                        issued_at: now,
+                        access: NewToken {
+                            digest: access,
+                            expires_at: now + 3600,
+                        },
+                        refresh: Some(NewToken {
+                            digest: refresh,
+                            expires_at: now + 43200,
+                        }),
+                        access_grant: None,
+                        replay: None,
+                    })
+                };
+                let started = phase.load(Ordering::Relaxed);
+                let t0 = Instant::now();
+                let outcome = store.rotate(&presented, CLIENT, now, &decide).await;
+                let dt = t0.elapsed();
+                match outcome {
+                    Ok(RotateOutcome::Rotated { .. }) => {
+                        presented = refresh;
+                        if started == 1 && phase.load(Ordering::Relaxed) == 1 {
+                            lat.push(dt.as_nanos() as u64);
+                        }
+                    }
+                    other => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        anyhow::bail!("rotation failed: {other:?}");
+                    }
+                }
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    phase.store(1, Ordering::SeqCst);
+    let start = Instant::now();
+    on_phase("START");
+    tokio::time::sleep(duration).await;
+    phase.store(2, Ordering::SeqCst);
+    let elapsed = start.elapsed();
+    on_phase("STOP");
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await??);
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        if all.is_empty() {
+            0.0
+        } else {
+            all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1] as f64 / 1000.0
+        }
+    };
+    Ok(RotateRun {
+        rotations: all.len() as u64,
+        failures: failures.load(Ordering::Relaxed),
+        elapsed_secs: elapsed.as_secs_f64(),
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    })
+}
+
+/// The memory store's entry, field for field, in a plain HashMap: the baseline.
+#[allow(dead_code)] // held only for its size
+struct BaselineEntry {
+    grant: Arc<Grant>,
+    tomb: Option<Arc<()>>,
+    family: [u64; 2],
+    issued_at: i64,
+    expires_at: i64,
+    generation: u32,
+    kind: u8,
+    state: u8,
+}
+
+/// Memory per entry after writing `pairs` access+refresh pairs (2 entries each, one shared
+/// `Arc<Grant>` per pair, as an issue writes them). Returns (entries, RSS delta in bytes).
+pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, u64)> {
+    let client = "Xq3pL0aZ9bC8dE7fG6hI5j".to_owned();
+    let before = procfs::status_kb("self", "VmRSS").unwrap_or(0);
+    let now = store::now();
+    let measured = match kind {
+        "moka" => {
+            let store = store::memory::MemoryStore::new((pairs * 2) as u64);
+            for _ in 0..pairs {
+                store
+                    .issue(new_issue(grant(&client), FamilyId::random(), 0, now))
+                    .await?;
+            }
+            let entries = store.entry_count();
+            let after = procfs::status_kb("self", "VmRSS").unwrap_or(0);
+            // Keep the store alive until RSS is read.
+            drop(store);
+            return Ok((entries, after.saturating_sub(before) * 1024));
+        }
+        "hashmap" => {
+            let mut map: HashMap<[u8; 32], BaselineEntry> = HashMap::new();
+            for _ in 0..pairs {
+                let g = grant(&client);
+                let family = FamilyId::random().0;
+                for expires_at in [now + 3600, now + 43200] {
+                    map.insert(
+                        rand::random(),
+                        BaselineEntry {
+                            grant: g.clone(),
+                            tomb: None,
+                            family: [(family >> 64) as u64, family as u64],
+                            issued_at: now,
+                            expires_at,
+                            generation: 0,
+                            kind: 0,
+                            state: 0,
+                        },
+                    );
+                }
+            }
+            let entries = map.len() as u64;
+            let after = procfs::status_kb("self", "VmRSS").unwrap_or(0);
+            drop(map);
+            (entries, after.saturating_sub(before) * 1024)
+        }
+        other => anyhow::bail!("unknown memory kind {other:?} (moka | hashmap)"),
+    };
+    Ok(measured)
+}
