@@ -17,6 +17,7 @@ use crate::procfs;
 pub enum Case {
     Ceiling,
     Chain,
+    ChainMetricsOff,
     RefreshMemory,
     MetricsOff,
     MetricsOn,
@@ -26,9 +27,10 @@ pub enum Case {
 }
 
 impl Case {
-    pub const ALL: [Case; 8] = [
+    pub const ALL: [Case; 9] = [
         Case::Ceiling,
         Case::Chain,
+        Case::ChainMetricsOff,
         Case::RefreshMemory,
         Case::MetricsOff,
         Case::MetricsOn,
@@ -41,6 +43,7 @@ impl Case {
         match self {
             Case::Ceiling => "ceiling",
             Case::Chain => "chain",
+            Case::ChainMetricsOff => "chain-metrics-off",
             Case::RefreshMemory => "refresh-memory",
             Case::MetricsOff => "metrics-off",
             Case::MetricsOn => "metrics-on",
@@ -62,10 +65,11 @@ impl Case {
     pub fn describe(self) -> &'static str {
         match self {
             Case::Ceiling => "bare hyper 1.x, fixed 200",
-            Case::Chain => "gateway: 3x set_attribute + set_response",
+            Case::Chain => "gateway: 3x set_attribute + set_response (default monitoring)",
+            Case::ChainMetricsOff => "the same chain, policy monitoring.enabled: false",
             Case::RefreshMemory => "refresh grant, moka store, metrics on",
-            Case::MetricsOff => "refresh grant, moka, monitoring.enabled: false",
-            Case::MetricsOn => "refresh grant, moka, monitoring.enabled: true",
+            Case::MetricsOff => "refresh grant, moka, monitoring off (policy + both grant nodes)",
+            Case::MetricsOn => "refresh grant, moka, monitoring on (policy + both grant nodes)",
             Case::SqliteRef => "SqlStore::rotate loop, SQLite, no HTTP",
             Case::RefreshSqlite => "refresh grant, SQLite store (WAL, synchronous=FULL)",
             Case::RefreshPostgres => "refresh grant, PostgreSQL store (server unpinned)",
@@ -201,10 +205,12 @@ fn wait_listening(addr: SocketAddr, server: &mut Child, log: &Path) -> anyhow::R
     bail!("the server did not listen on {addr} within 30 s")
 }
 
+/// The pass-through chain; `{monitoring}` is empty or a policy-level `monitoring:` line.
 const CHAIN_POLICY: &str = r#"
 policies:
   - name: chain
     route: { path: /, methods: [GET] }
+    {monitoring}
     chain:
       - { name: a1, type: set_attribute, attribute: bench.one, value: "1" }
       - { name: a2, type: set_attribute, attribute: bench.two, value: "2" }
@@ -213,7 +219,8 @@ policies:
 "#;
 
 /// The default token endpoint (policies/token.yaml: grant_type dispatched through
-/// compare_attribute nodes) with `monitoring.enabled` set on both grant nodes.
+/// compare_attribute nodes) with `monitoring.enabled` set on the policy (its service context,
+/// recorded by the engine) and on both grant nodes.
 fn token_policy(metrics: bool) -> String {
     format!(
         r#"
@@ -221,6 +228,7 @@ policies:
   - name: token-endpoint
     service: oauth-token
     route: {{ path: /oauth/token, methods: [POST] }}
+    monitoring: {{ enabled: {metrics} }}
     chain:
       - name: has-grant-type
         type: compare_attribute
@@ -273,7 +281,7 @@ pub fn default_pg_url() -> String {
 fn write_policies(case: Case, dir: &Path, pg_url: &str) -> anyhow::Result<Option<String>> {
     let mut schema = None;
     let store = match case {
-        Case::Chain => None,
+        Case::Chain | Case::ChainMetricsOff => None,
         Case::RefreshMemory | Case::MetricsOff | Case::MetricsOn => {
             Some("{ type: memory, max_tokens: 1000000 }".to_owned())
         }
@@ -304,7 +312,10 @@ fn write_policies(case: Case, dir: &Path, pg_url: &str) -> anyhow::Result<Option
     };
     std::fs::write(dir.join("gateway.yaml"), settings)?;
     let policy = match case {
-        Case::Chain => CHAIN_POLICY.to_owned(),
+        Case::Chain => CHAIN_POLICY.replace("{monitoring}", ""),
+        Case::ChainMetricsOff => {
+            CHAIN_POLICY.replace("{monitoring}", "monitoring: { enabled: false }")
+        }
         Case::MetricsOff => token_policy(false),
         _ => token_policy(true),
     };
@@ -377,7 +388,7 @@ fn sample(server: u32, loadgen: u32) -> Sample {
 /// Options for one run of a case.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
-    /// `perf record -g` the server during the measured window into this file.
+    /// `perf record --call-graph dwarf` the server during the measured window into this file.
     pub perf: Option<PathBuf>,
 }
 
@@ -419,7 +430,7 @@ pub fn run_case(
         }
         _ => {
             schema = write_policies(case, dir, pg_url)?;
-            if case != Case::Chain {
+            if !matches!(case, Case::Chain | Case::ChainMetricsOff) {
                 credentials = Some(add_client(&bins.gateway, dir)?);
             }
             let mut c = placement.command(0, &bins.gateway);
@@ -520,7 +531,16 @@ fn run_http(
                 if let Some(file) = &opts.perf {
                     perf = Some(Guard(
                         Command::new("perf")
-                            .args(["record", "-F", "999", "-g", "-q", "-o"])
+                            // DWARF unwinding: release builds have no frame pointers.
+                            .args([
+                                "record",
+                                "-F",
+                                "499",
+                                "--call-graph",
+                                "dwarf,16384",
+                                "-q",
+                                "-o",
+                            ])
                             .arg(file)
                             .arg("-p")
                             .arg(server_pid.to_string())

@@ -8,7 +8,7 @@
 //!
 //! It builds the `gateway` binary into its own target dir first, then runs, for each placement
 //! (pinned: server on CPU 0 with one worker, generator on CPU 1; unpinned: two of each), each
-//! repetition as `ceiling, chain, ceiling, refresh-memory, ceiling, metrics-off, metrics-on,
+//! repetition as `ceiling, chain, chain-metrics-off, ceiling, refresh-memory, ceiling, metrics-off, metrics-on,
 //! ceiling, sqlite-ref, refresh-sqlite, ceiling, refresh-postgres`, and reports every case as a
 //! ratio to the run of its reference right before it.
 //!
@@ -44,7 +44,7 @@ usage:
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
   bench mem-tokens --kind moka|hashmap [--pairs N]
 
-cases: ceiling chain refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
+cases: ceiling chain chain-metrics-off refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
        refresh-postgres (PostgreSQL: TEST_DATABASE_URL, default
        postgres://postgres@127.0.0.1:5432/test, a fresh schema per run)";
 
