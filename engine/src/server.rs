@@ -11,7 +11,7 @@ use filters::{Exchange, Response, json_response};
 use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -161,10 +161,12 @@ pub async fn public(
         }
     };
     let _in_flight = state.monitoring.in_flight();
-    let started = std::time::Instant::now();
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(limits.request_timeout_secs.max(1));
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(limits.request_timeout_secs.max(1));
     let max_body = limits.max_body_bytes;
+    // Set once the body is in: a deadline that fires before is the client's delay (408), after
+    // it ours (504). One timer per request covers both.
+    let body_read = std::sync::atomic::AtomicBool::new(false);
     let work = async {
         let declared = parts
             .headers
@@ -174,39 +176,33 @@ pub async fn public(
         if declared.is_some_and(|n| n > max_body as u64) {
             return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
         }
-        // A body still arriving at the deadline is the client's delay (408), not ours (504).
-        let read = tokio::time::timeout_at(deadline, Limited::new(body, max_body).collect());
-        let body = match read.await {
-            Err(_) => {
-                return Err((
-                    closing(error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "invalid_request",
-                        "the request body did not arrive in time",
-                    )),
-                    monitoring::ClientLabel::ANONYMOUS,
-                ));
-            }
-            Ok(Ok(c)) => c.to_bytes(),
-            Ok(Err(e))
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
-            }
-            Ok(Err(_)) => {
-                // Broken framing (a bad chunk size): nothing after it on this connection can
-                // be trusted.
-                return Err((
-                    closing(error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "the request body could not be read",
-                    )),
-                    monitoring::ClientLabel::ANONYMOUS,
-                ));
+        let body = if body.is_end_stream() {
+            // Most GETs: nothing to read, no collector to build.
+            Bytes::new()
+        } else {
+            match Limited::new(body, max_body).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e)
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some() =>
+                {
+                    return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
+                }
+                Err(_) => {
+                    // Broken framing (a bad chunk size): nothing after it on this connection
+                    // can be trusted.
+                    return Err((
+                        closing(error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_request",
+                            "the request body could not be read",
+                        )),
+                        monitoring::ClientLabel::ANONYMOUS,
+                    ));
+                }
             }
         };
+        body_read.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut ex = Exchange::new(parts, body);
         let run = std::panic::AssertUnwindSafe(chain::run(policy, &mut ex, &state.monitoring))
             .catch_unwind()
@@ -242,6 +238,16 @@ pub async fn public(
             };
             (r, o, Vec::new(), client)
         }
+        Err(_) if !body_read.load(std::sync::atomic::Ordering::Relaxed) => (
+            closing(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request",
+                "the request body did not arrive in time",
+            )),
+            Outcome::Failure,
+            Vec::new(),
+            monitoring::ClientLabel::ANONYMOUS,
+        ),
         Err(_) => (
             error(
                 StatusCode::GATEWAY_TIMEOUT,

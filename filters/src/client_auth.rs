@@ -249,11 +249,15 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
 }
 
 fn form_decode(s: &str) -> Option<String> {
-    // form_urlencoded decodes `+` as space and %XX; parse one pseudo-pair to reuse it.
-    let input = format!("v={s}");
-    form_urlencoded::parse(input.as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
+    // application/x-www-form-urlencoded: `+` is a space, then %XX escapes.
+    if !s.contains(['+', '%']) {
+        return Some(s.to_owned());
+    }
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 #[cfg(test)]

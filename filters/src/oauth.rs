@@ -103,7 +103,9 @@ pub fn join_scope<'a>(set: impl IntoIterator<Item = &'a str>) -> String {
     set.into_iter().collect::<Vec<_>>().join(" ")
 }
 
-/// The RFC 6749 §5.1 success response.
+/// The RFC 6749 §5.1 success response. Written directly rather than through a JSON value
+/// tree: this is the token endpoint's hot path. Tokens are alphanumeric; the token type and the
+/// scope go through serde_json's string escaping.
 pub fn token_response(
     access_token: &str,
     token_type: &str,
@@ -111,18 +113,23 @@ pub fn token_response(
     refresh_token: Option<&str>,
     scope: &str,
 ) -> Response {
-    let mut body = serde_json::json!({
-        "access_token": access_token,
-        "token_type": token_type,
-        "expires_in": expires_in,
-    });
+    use std::fmt::Write as _;
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let mut body = String::with_capacity(160 + access_token.len() + scope.len());
+    let _ = write!(
+        body,
+        "{{\"access_token\":{},\"token_type\":{},\"expires_in\":{expires_in}",
+        quoted(access_token),
+        quoted(token_type)
+    );
     if let Some(rt) = refresh_token {
-        body["refresh_token"] = rt.into();
+        let _ = write!(body, ",\"refresh_token\":{}", quoted(rt));
     }
     if !scope.is_empty() {
-        body["scope"] = scope.into();
+        let _ = write!(body, ",\"scope\":{}", quoted(scope));
     }
-    token_response_from_body(Bytes::from(body.to_string()))
+    body.push('}');
+    token_response_from_body(Bytes::from(body))
 }
 
 pub fn token_response_from_body(body: Bytes) -> Response {
@@ -246,6 +253,21 @@ mod tests {
         assert!(!valid_scope("read \"quoted\""));
         assert!(!valid_scope("caf\u{e9}"));
         assert_eq!(join_scope(parse_scope("b  a b")), "a b");
+    }
+
+    #[test]
+    fn token_responses_are_valid_json_with_escaping() {
+        let r = token_response("abc", "Bearer", 3600, Some("def"), "read \"x\"");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["access_token"], "abc");
+        assert_eq!(v["token_type"], "Bearer");
+        assert_eq!(v["expires_in"], 3600);
+        assert_eq!(v["refresh_token"], "def");
+        assert_eq!(v["scope"], "read \"x\"");
+        let r = token_response("abc", "Bearer", 1, None, "");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert!(v.get("refresh_token").is_none() && v.get("scope").is_none());
+        assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
     }
 
     #[test]

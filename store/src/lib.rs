@@ -32,8 +32,45 @@ pub use clients::{ClientApplication, ClientRegistry, RegistryError};
 pub use config::{StoreConfig, open_store};
 
 /// SHA-256 of a token (or secret). The only form in which a store ever holds a token.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
+
+// A digest is already uniformly distributed: eight of its bytes are as good a hash as any
+// hasher would make of all 32. Feeding them as one u64 lets [`DigestHasher`] pass them through
+// (other hashers still mix them as usual).
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// A pass-through hasher for tables keyed by [`Digest`]. Safe against collision flooding
+/// because keys written to a table are digests of server-generated tokens; what a client
+/// presents is only looked up.
+#[derive(Default, Clone, Copy)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for keys other than Digest: fold the bytes in (FNV-1a).
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+/// `BuildHasher` for tables keyed by [`Digest`].
+pub type DigestBuildHasher = std::hash::BuildHasherDefault<DigestHasher>;
 
 impl Digest {
     /// Digest of a token as the client presents it.

@@ -128,7 +128,7 @@ impl Expiry<Digest, Entry> for TokenExpiry {
 
 /// The moka token store. Cheap to share behind an `Arc`.
 pub struct MemoryStore {
-    cache: Cache<Digest, Entry>,
+    cache: Cache<Digest, Entry, DigestBuildHasher>,
     locks: Box<[Mutex<()>]>,
     evictions: Arc<AtomicU64>,
     /// Entries moka removed by itself at their expiry since the last purge; the purge reports
@@ -156,7 +156,7 @@ impl MemoryStore {
                 }
                 RemovalCause::Explicit | RemovalCause::Replaced => {}
             })
-            .build();
+            .build_with_hasher(DigestBuildHasher::default());
         MemoryStore {
             cache,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
