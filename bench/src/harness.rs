@@ -20,6 +20,9 @@ pub struct Plan {
     pub out: PathBuf,
     pub command: String,
     pub quick: bool,
+    /// The workspace's commit when the run started, before the gateway was built (others may
+    /// commit while the benchmark runs; the report names what was measured).
+    pub commit: String,
 }
 
 /// One run in the sequence, with the runs it is divided by.
@@ -354,6 +357,11 @@ fn machine() -> String {
     )
 }
 
+/// The commit of the workspace (short SHA, and whether the tree had uncommitted changes).
+pub fn workspace_commit() -> String {
+    git(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
 fn git(root: &Path) -> String {
     let root = root.to_string_lossy();
     let sha = sh("git", &["-C", &root, "rev-parse", "--short=12", "HEAD"]);
@@ -398,7 +406,13 @@ fn report(plan: &Plan, records: &[Record], memory: &MemoryFigures) -> String {
     );
     let _ = writeln!(md, "- Command: `{}`", plan.command);
     let _ = writeln!(md, "- Date: {}", sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]));
-    let _ = writeln!(md, "- Commit: {}", git(&root));
+    let _ = writeln!(
+        md,
+        "- Commit: {} (the working tree when the run started and the gateway was built; at \
+         the end: {})",
+        plan.commit,
+        git(&root)
+    );
     let _ = writeln!(md, "- Machine: {}", machine());
     let _ = writeln!(
         md,

@@ -118,6 +118,7 @@ fn main() -> anyhow::Result<()> {
 fn run_all(args: &Args) -> anyhow::Result<()> {
     let quick = args.has("--quick");
     let bins = Bins::beside_current_exe()?;
+    let commit = harness::workspace_commit();
     if !args.has("--no-build") {
         harness::build_gateway(&bins)?;
     }
@@ -161,6 +162,7 @@ fn run_all(args: &Args) -> anyhow::Result<()> {
         out: out.clone(),
         command,
         quick,
+        commit,
     };
     let md = harness::run(&bins, &plan)?;
     println!("{md}");
