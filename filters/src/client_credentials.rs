@@ -21,7 +21,7 @@ use store::{Digest, FamilyId, Grant, Issue, NewToken, SharedStore};
 
 use crate::attributes::Param;
 use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig, GrantType};
-use crate::monitor::{FilterMonitor, MonitoringConfig};
+use crate::monitor::{FilterMonitor, MonitoringConfig, StoreOp};
 use crate::oauth::{
     self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_token_settings, join_scope,
     parse_scope,
@@ -162,7 +162,9 @@ impl ClientCredentials {
             replay: None,
             access_grant: None,
         };
-        self.monitor.time("issue", self.store.issue(issue)).await?;
+        self.monitor
+            .time(StoreOp::Issue, self.store.issue(issue))
+            .await?;
         ex.set("oauth.scope", scope.clone());
         if self.monitor.enabled() {
             self.monitor.metrics.token_issued("client_credentials");

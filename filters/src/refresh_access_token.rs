@@ -39,7 +39,7 @@ use store::{Digest, Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcom
 
 use crate::attributes::Param;
 use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig, GrantType};
-use crate::monitor::{FilterMonitor, MonitoringConfig};
+use crate::monitor::{FilterMonitor, MonitoringConfig, StoreOp};
 use crate::oauth::{
     self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_token_settings, join_scope,
     parse_scope,
@@ -290,7 +290,7 @@ impl RefreshAccessToken {
         let outcome = self
             .monitor
             .time(
-                "rotate",
+                StoreOp::Rotate,
                 self.store.rotate(&digest, &app.client_id, now, &decide),
             )
             .await?;
@@ -342,7 +342,7 @@ impl RefreshAccessToken {
                 // answer; if the store fails, the error (503) goes out instead.
                 let revoked = self
                     .monitor
-                    .time("revoke_family", self.store.revoke_family(family))
+                    .time(StoreOp::RevokeFamily, self.store.revoke_family(family))
                     .await?;
                 tracing::warn!(client_id = %app.client_id, family = ?family, revoked, "refresh token reuse detected; token family revoked");
                 ex.set("refresh.reuse_detected", "true");
