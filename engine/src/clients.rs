@@ -1,13 +1,12 @@
 //! `gateway clients ...`: the client application registry of a policy folder.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use store::Digest;
 use store::clients::{ClientApplication, SharedRegistry, generate_client_id, generate_secret};
-use store::{Digest, StoreConfig};
 
-use crate::config::{self, ApplicationsConfig};
+use crate::config;
 
 /// Opens the registry that the policy folder `dir` names in `applications:`.
 pub async fn open(dir: &Path) -> anyhow::Result<SharedRegistry> {
@@ -19,25 +18,9 @@ pub async fn open(dir: &Path) -> anyhow::Result<SharedRegistry> {
             dir.display()
         );
     };
-    Ok(match applications {
-        ApplicationsConfig::File { path } => {
-            let path = dir.join(path);
-            Arc::new(
-                store::clients::file::FileRegistry::open(&path)
-                    .with_context(|| format!("{}", path.display()))?,
-            )
-        }
-        ApplicationsConfig::Sql { store } => {
-            let Some(StoreConfig::Sql(c)) = set.stores.get(store) else {
-                bail!("applications.store {store:?} is not a SQL store of this policy set");
-            };
-            Arc::new(
-                store::sql::SqlStore::connect(c)
-                    .await
-                    .with_context(|| format!("store {store:?}"))?,
-            )
-        }
-    })
+    crate::runtime::open_registry(&set, applications, crate::runtime::Mode::Run)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 /// A new application and its secret, which is shown once and never stored.

@@ -125,7 +125,7 @@ pub async fn build(
                 .filter(|r| r.config == *config)
             {
                 Some(r) => Some(r.clone()),
-                None => match open_registry(set, config, &stores, mode).await {
+                None => match open_registry(set, config, mode).await {
                     Ok(r) => Some(Arc::new(RegistryHandle {
                         config: config.clone(),
                         registry: r,
@@ -296,11 +296,12 @@ async fn watch_live_tokens(store: SharedStore, metrics: monitoring::StoreMetrics
     }
 }
 
-async fn open_registry(
+/// Opens the client registry the set names. A SQL registry gets its own small pool on the
+/// store's database (the token store is only known here as a `dyn TokenStore`).
+pub async fn open_registry(
     set: &PolicySet,
     config: &ApplicationsConfig,
-    _stores: &HashMap<String, Arc<StoreHandle>>,
-    _mode: Mode,
+    mode: Mode,
 ) -> Result<SharedRegistry, String> {
     match config {
         ApplicationsConfig::File { path } => {
@@ -315,7 +316,7 @@ async fn open_registry(
                     "applications.store: {store:?} is not a SQL store of this set"
                 ));
             };
-            if _mode == Mode::Check {
+            if mode == Mode::Check {
                 return Ok(Arc::new(store::clients::file::FileRegistry::in_memory()));
             }
             let sql = store::sql::SqlStore::connect(c)

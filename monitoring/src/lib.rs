@@ -507,29 +507,9 @@ impl Monitoring {
         self.store(store).op(op, elapsed);
     }
 
-    #[inline]
-    pub fn request_started(&self) {
-        self.in_flight.inc();
-    }
-
-    #[inline]
-    pub fn request_finished(&self) {
-        self.in_flight.dec();
-    }
-
     /// Counts one request in flight until the guard is dropped (also on panic or cancellation).
     pub fn in_flight(&self) -> GaugeGuard<'_> {
         GaugeGuard::new(&self.in_flight)
-    }
-
-    #[inline]
-    pub fn connection_opened(&self) {
-        self.connections.inc();
-    }
-
-    #[inline]
-    pub fn connection_closed(&self) {
-        self.connections.dec();
     }
 
     /// Counts one open connection until the guard is dropped.

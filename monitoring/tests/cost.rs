@@ -40,7 +40,7 @@ fn recording_cost() {
         m.refresh_outcome("ok");
     });
     let by_name = per_call(n, |i| {
-        m.request_started();
+        let _in_flight = m.in_flight();
         m.record_node("token-endpoint", "refresh", Outcome::Success, d);
         m.record_service(
             "token-endpoint",
@@ -50,7 +50,6 @@ fn recording_cost() {
         );
         m.token_issued("refresh_token");
         m.refresh_outcome("ok");
-        m.request_finished();
     });
     let node_only = per_call(n, |_| node.record(Outcome::Success, d));
     println!("per request, handles + composite scope: {handles:?}");
