@@ -250,7 +250,7 @@ pub async fn build(
 }
 
 fn config_message(m: &str) -> String {
-    crate::config::yaml::strip_location(m).to_owned()
+    crate::config::yaml::clean_message(m)
 }
 
 async fn open_store(

@@ -86,7 +86,7 @@ const EXPECTED: &[(&str, usize, usize, &str, &str)] = &[
         9,
         24,
         "policies[0].route.methods",
-        "invalid type: string \"GET\", expected a sequence",
+        "invalid type: a string, expected a sequence",
     ),
     (
         "a.yaml",

@@ -771,7 +771,7 @@ fn typed<T: DeserializeOwned>(
         Ok(t) => Some(t),
         Err(e) => {
             let sub = e.path().to_string();
-            let msg = yaml::strip_location(&e.inner().to_string()).to_owned();
+            let msg = yaml::clean_message(&e.inner().to_string());
             errors.push(doc.error(&join_error_path(path, &sub, &msg), msg));
             None
         }
@@ -911,6 +911,25 @@ mod tests {
                 .unwrap_err()
                 .contains("GATEWAY_SURELY_UNSET_VAR")
         );
+    }
+
+    #[test]
+    fn expanded_environment_values_never_reach_error_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        // PATH stands in for a secret: it is set everywhere and expands into a wrong type.
+        std::fs::write(
+            dir.path().join("g.yaml"),
+            "limits: { max_connections: \"${PATH}\" }\n",
+        )
+        .unwrap();
+        let (_, errors) = load_dir_partial(dir.path(), &[]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = errors[0].to_string();
+        assert!(
+            e.contains("limits.max_connections") && e.contains("invalid type"),
+            "{e}"
+        );
+        assert!(!e.contains(&std::env::var("PATH").unwrap()), "{e}");
     }
 
     #[test]

@@ -223,6 +223,37 @@ pub fn parse(file: &Path, source: &str) -> Result<Document, ConfigError> {
     })
 }
 
+/// A deserialisation error as the operator reads it: without serde_yaml's own location (we
+/// print ours) and without the offending string value, which after `${ENV}` expansion may be a
+/// secret (`invalid type: string "hunter2", expected u32` becomes `invalid type: a string,
+/// expected u32`). Key names, variant names and numbers stay.
+pub fn clean_message(message: &str) -> String {
+    let message = strip_location(message);
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i]);
+        out.push_str("a string");
+        let quoted = &rest[i + "string \"".len()..];
+        // Skip to the closing quote, honouring backslash escapes (Debug formatting).
+        let mut escaped = false;
+        let mut end = quoted.len();
+        for (j, c) in quoted.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = j + 1;
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        rest = &quoted[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// serde_yaml appends " at line L column C" to its messages; we print the location ourselves.
 pub fn strip_location(message: &str) -> &str {
     match message.find(" at line ") {
@@ -265,6 +296,18 @@ mod tests {
         let e = parse(Path::new("bad.yaml"), "a: 1\nb: [1, 2\n").unwrap_err();
         assert!(e.line >= 2, "{e}");
         assert!(e.message.starts_with("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn string_values_never_reach_error_messages() {
+        let m = clean_message(
+            r#"invalid type: string "p\"ass\\word", expected u32 at line 3 column 5"#,
+        );
+        assert_eq!(m, "invalid type: a string, expected u32");
+        assert_eq!(
+            clean_message("unknown variant `memry`, expected `memory` or `sql`"),
+            "unknown variant `memry`, expected `memory` or `sql`"
+        );
     }
 
     #[test]
