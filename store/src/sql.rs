@@ -86,6 +86,28 @@ macro_rules! in_write_tx {
     };
 }
 
+/// Sets one column of one client application in a write transaction; `NotFound` when no row
+/// has that id. A macro, like [`in_write_tx!`], because the value is bound for either backend.
+macro_rules! update_client {
+    ($self:expr, $column:literal, $client_id:expr, $value:expr) => {{
+        let n = in_write_tx!($self, map_registry_err, tx => {
+            let n = sqlx::query(concat!("UPDATE client_applications SET ", $column, " = $2 WHERE client_id = $1"))
+                .bind($client_id)
+                .bind($value)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_registry_err)?
+                .rows_affected();
+            tx.commit().await.map_err(map_registry_err)?;
+            n
+        });
+        if n == 0 {
+            return Err(RegistryError::NotFound($client_id.to_owned()));
+        }
+        Ok(())
+    }};
+}
+
 #[derive(sqlx::FromRow)]
 struct AccessRow {
     client_id: String,
@@ -746,39 +768,16 @@ impl ClientRegistry for SqlStore {
     }
 
     async fn set_enabled(&self, client_id: &str, enabled: bool) -> Result<(), RegistryError> {
-        let n = in_write_tx!(self, map_registry_err, tx => {
-            let n = sqlx::query("UPDATE client_applications SET enabled = $2 WHERE client_id = $1")
-                .bind(client_id)
-                .bind(enabled)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_registry_err)?
-                .rows_affected();
-            tx.commit().await.map_err(map_registry_err)?;
-            n
-        });
-        if n == 0 {
-            return Err(RegistryError::NotFound(client_id.to_owned()));
-        }
-        Ok(())
+        update_client!(self, "enabled", client_id, enabled)
     }
 
     async fn set_secret(&self, client_id: &str, digest: Digest) -> Result<(), RegistryError> {
-        let n = in_write_tx!(self, map_registry_err, tx => {
-            let n = sqlx::query("UPDATE client_applications SET secret_digest = $2 WHERE client_id = $1")
-                .bind(client_id)
-                .bind(digest.as_bytes().as_slice())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_registry_err)?
-                .rows_affected();
-            tx.commit().await.map_err(map_registry_err)?;
-            n
-        });
-        if n == 0 {
-            return Err(RegistryError::NotFound(client_id.to_owned()));
-        }
-        Ok(())
+        update_client!(
+            self,
+            "secret_digest",
+            client_id,
+            digest.as_bytes().as_slice()
+        )
     }
 }
 
