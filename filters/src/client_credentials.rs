@@ -17,14 +17,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use store::{Digest, FamilyId, Grant, Issue, NewToken, SharedStore};
+use store::{Digest, FamilyId, Grant, Issue, NewToken};
 
 use crate::attributes::Param;
-use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig, GrantType};
-use crate::monitor::{FilterMonitor, MonitoringConfig, StoreOp};
+use crate::client_auth::{ApplicationValidationConfig, GrantType};
+use crate::monitor::{MonitoringConfig, StoreOp};
 use crate::oauth::{
-    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_token_settings, join_scope,
-    parse_scope,
+    self, AccessTokenConfig, ErrorCode, GrantBase, OAuthError, join_scope, parse_scope,
 };
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
@@ -56,33 +55,27 @@ pub struct Config {
 }
 
 struct ClientCredentials {
-    validation: ApplicationValidation,
-    store: SharedStore,
-    access: AccessTokenConfig,
+    base: GrantBase,
     include_refresh_token: bool,
     refresh: RefreshSettings,
-    metadata: Metadata,
-    monitor: FilterMonitor,
 }
 
 pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter, BuildError> {
     let c: Config = parse(value)?;
-    check_token_settings(
-        &c.access_token,
-        c.include_refresh_token
-            .then_some((c.refresh_token.expiry_secs, c.refresh_token.length)),
+    let refresh = c
+        .include_refresh_token
+        .then_some((c.refresh_token.expiry_secs, c.refresh_token.length));
+    let base = GrantBase::build(
+        c.application_validation,
+        c.access_token,
+        c.monitoring,
+        refresh,
+        cx,
     )?;
-    let store = cx.store("access_token.store", &c.access_token.store)?;
-    let metadata = Metadata::build("access_token.metadata", &c.access_token.metadata)?;
-    let validation = ApplicationValidation::build(c.application_validation, cx)?;
     Ok(Arc::new(ClientCredentials {
-        validation,
-        store,
-        monitor: FilterMonitor::new(c.monitoring, &c.access_token.store, cx),
-        access: c.access_token,
+        base,
         include_refresh_token: c.include_refresh_token,
         refresh: c.refresh_token,
-        metadata,
     }))
 }
 
@@ -93,8 +86,9 @@ impl ClientCredentials {
     }
 
     async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let attribute = &self.monitor.config.client_attribute;
+        let attribute = &self.base.monitor.config.client_attribute;
         let app = match self
+            .base
             .validation
             .admit(ex, GrantType::ClientCredentials, attribute)
             .await?
@@ -121,7 +115,7 @@ impl ClientCredentials {
                     let wanted = parse_scope(s);
                     let ok = oauth::valid_scope(s)
                         && !wanted.is_empty()
-                        && (!self.validation.config.validate_scopes
+                        && (!self.base.validation.config.validate_scopes
                             || wanted.iter().all(|w| app.has_scope(w)));
                     if !ok {
                         let e = OAuthError::new(
@@ -136,8 +130,8 @@ impl ClientCredentials {
         };
         let now = store::now();
         let mut metadata = BTreeMap::new();
-        self.metadata.render_into(ex, &mut metadata);
-        let access = oauth::generate_token(self.access.length);
+        self.base.metadata.render_into(ex, &mut metadata);
+        let access = oauth::generate_token(self.base.access.length);
         // A refresh token only for a client that may use it.
         let refresh = (self.include_refresh_token && app.allows_grant("refresh_token"))
             .then(|| oauth::generate_token(self.refresh.length));
@@ -153,7 +147,7 @@ impl ClientCredentials {
             issued_at: now,
             access: NewToken {
                 digest: Digest::of(&access),
-                expires_at: now + self.access.expiry_secs as i64,
+                expires_at: now + self.base.access.expiry_secs as i64,
             },
             refresh: refresh.as_ref().map(|r| NewToken {
                 digest: Digest::of(r),
@@ -162,17 +156,18 @@ impl ClientCredentials {
             replay: None,
             access_grant: None,
         };
-        self.monitor
-            .time(StoreOp::Issue, self.store.issue(issue))
+        self.base
+            .monitor
+            .time(StoreOp::Issue, self.base.store.issue(issue))
             .await?;
         ex.set("oauth.scope", scope.clone());
-        if self.monitor.enabled() {
-            self.monitor.metrics.token_issued("client_credentials");
+        if self.base.monitor.enabled() {
+            self.base.monitor.metrics.token_issued("client_credentials");
         }
         Ok(Flow::Respond(oauth::token_response(
             &access,
-            &self.access.token_type,
-            self.access.expiry_secs,
+            &self.base.access.token_type,
+            self.base.access.expiry_secs,
             refresh.as_deref(),
             &scope,
         )))
@@ -186,6 +181,6 @@ impl Filter for ClientCredentials {
     }
 
     fn monitoring(&self) -> Option<&MonitoringConfig> {
-        Some(&self.monitor.config)
+        Some(&self.base.monitor.config)
     }
 }

@@ -213,6 +213,40 @@ pub fn check_token_settings(
     Ok(())
 }
 
+/// What both grant filters are built from: application validation, the token store, the
+/// access-token settings, the metadata templates and the monitoring settings.
+pub struct GrantBase {
+    pub validation: crate::client_auth::ApplicationValidation,
+    pub store: store::SharedStore,
+    pub access: AccessTokenConfig,
+    pub metadata: Metadata,
+    pub monitor: crate::monitor::FilterMonitor,
+}
+
+impl GrantBase {
+    /// `refresh` is the refresh token's `(expiry_secs, length)` when the filter issues one.
+    pub fn build(
+        validation: crate::client_auth::ApplicationValidationConfig,
+        access: AccessTokenConfig,
+        monitoring: crate::monitor::MonitoringConfig,
+        refresh: Option<(u64, usize)>,
+        cx: &crate::registry::BuildContext,
+    ) -> Result<Self, BuildError> {
+        check_token_settings(&access, refresh)?;
+        let store = cx.store("access_token.store", &access.store)?;
+        let metadata = Metadata::build("access_token.metadata", &access.metadata)?;
+        let validation = crate::client_auth::ApplicationValidation::build(validation, cx)?;
+        let monitor = crate::monitor::FilterMonitor::new(monitoring, &access.store, cx);
+        Ok(GrantBase {
+            validation,
+            store,
+            access,
+            metadata,
+            monitor,
+        })
+    }
+}
+
 /// Metadata templates, parsed once.
 pub struct Metadata(Vec<(String, Template)>);
 

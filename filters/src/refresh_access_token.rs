@@ -35,14 +35,13 @@ use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
-use store::{Digest, Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcome, SharedStore};
+use store::{Digest, Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcome};
 
 use crate::attributes::Param;
-use crate::client_auth::{ApplicationValidation, ApplicationValidationConfig, GrantType};
-use crate::monitor::{FilterMonitor, MonitoringConfig, StoreOp};
+use crate::client_auth::{ApplicationValidationConfig, GrantType};
+use crate::monitor::{MonitoringConfig, StoreOp};
 use crate::oauth::{
-    self, AccessTokenConfig, ErrorCode, Metadata, OAuthError, check_token_settings, join_scope,
-    parse_scope,
+    self, AccessTokenConfig, ErrorCode, GrantBase, OAuthError, join_scope, parse_scope,
 };
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
@@ -82,38 +81,32 @@ pub struct Config {
 }
 
 struct RefreshAccessToken {
-    validation: ApplicationValidation,
-    store: SharedStore,
-    access: AccessTokenConfig,
+    base: GrantBase,
     refresh: RefreshTokenConfig,
-    metadata: Metadata,
-    monitor: FilterMonitor,
 }
 
 pub fn build(value: serde_yaml::Value, cx: &BuildContext) -> Result<SharedFilter, BuildError> {
     let c: Config = parse(value)?;
-    check_token_settings(
-        &c.access_token,
-        c.refresh_token
-            .generate
-            .then_some((c.refresh_token.expiry_secs, c.refresh_token.length)),
-    )?;
     if c.refresh_token.reuse_grace_secs > 300 {
         return Err(BuildError::at(
             "refresh_token.reuse_grace_secs",
             "at most 300 s: a longer window weakens reuse detection",
         ));
     }
-    let store = cx.store("access_token.store", &c.access_token.store)?;
-    let metadata = Metadata::build("access_token.metadata", &c.access_token.metadata)?;
-    let validation = ApplicationValidation::build(c.application_validation, cx)?;
+    let refresh = c
+        .refresh_token
+        .generate
+        .then_some((c.refresh_token.expiry_secs, c.refresh_token.length));
+    let base = GrantBase::build(
+        c.application_validation,
+        c.access_token,
+        c.monitoring,
+        refresh,
+        cx,
+    )?;
     Ok(Arc::new(RefreshAccessToken {
-        validation,
-        store,
-        monitor: FilterMonitor::new(c.monitoring, &c.access_token.store, cx),
-        access: c.access_token,
+        base,
         refresh: c.refresh_token,
-        metadata,
     }))
 }
 
@@ -161,14 +154,15 @@ impl RefreshAccessToken {
     }
 
     fn count(&self, outcome: &str) {
-        if self.monitor.enabled() {
-            self.monitor.metrics.refresh_outcome(outcome);
+        if self.base.monitor.enabled() {
+            self.base.monitor.metrics.refresh_outcome(outcome);
         }
     }
 
     async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let attribute = &self.monitor.config.client_attribute;
+        let attribute = &self.base.monitor.config.client_attribute;
         let app = match self
+            .base
             .validation
             .admit(ex, GrantType::RefreshToken, attribute)
             .await?
@@ -206,9 +200,9 @@ impl RefreshAccessToken {
 
         let now = store::now();
         let mut metadata_extra = BTreeMap::new();
-        self.metadata.render_into(ex, &mut metadata_extra);
+        self.base.metadata.render_into(ex, &mut metadata_extra);
         let minted: Mutex<Option<Minted>> = Mutex::new(None);
-        let validate_registered = self.validation.config.validate_scopes;
+        let validate_registered = self.base.validation.config.validate_scopes;
         let decide = |old: &store::RefreshToken| -> RotateDecision {
             let granted = parse_scope(&old.grant.scope);
             let scope = match &requested {
@@ -228,7 +222,7 @@ impl RefreshAccessToken {
             };
             let mut metadata = old.grant.metadata.clone();
             metadata.extend(metadata_extra.clone());
-            let access = oauth::generate_token(self.access.length);
+            let access = oauth::generate_token(self.base.access.length);
             let refresh = self
                 .refresh
                 .generate
@@ -251,8 +245,8 @@ impl RefreshAccessToken {
                 .then(|| {
                     let body = oauth::token_response(
                         &access,
-                        &self.access.token_type,
-                        self.access.expiry_secs,
+                        &self.base.access.token_type,
+                        self.base.access.expiry_secs,
                         refresh.as_deref(),
                         &scope,
                     );
@@ -270,7 +264,7 @@ impl RefreshAccessToken {
                 issued_at: now,
                 access: NewToken {
                     digest: Digest::of(&access),
-                    expires_at: now + self.access.expiry_secs as i64,
+                    expires_at: now + self.base.access.expiry_secs as i64,
                 },
                 refresh: refresh.as_ref().map(|r| NewToken {
                     digest: Digest::of(r),
@@ -288,10 +282,13 @@ impl RefreshAccessToken {
         };
         let digest = Digest::of(&presented);
         let outcome = self
+            .base
             .monitor
             .time(
                 StoreOp::Rotate,
-                self.store.rotate(&digest, &app.client_id, now, &decide),
+                self.base
+                    .store
+                    .rotate(&digest, &app.client_id, now, &decide),
             )
             .await?;
         match outcome {
@@ -303,13 +300,13 @@ impl RefreshAccessToken {
                 };
                 ex.set("oauth.scope", m.scope.clone());
                 self.count("ok");
-                if self.monitor.enabled() {
-                    self.monitor.metrics.token_issued("refresh_token");
+                if self.base.monitor.enabled() {
+                    self.base.monitor.metrics.token_issued("refresh_token");
                 }
                 Ok(Flow::Respond(oauth::token_response(
                     &m.access,
-                    &self.access.token_type,
-                    self.access.expiry_secs,
+                    &self.base.access.token_type,
+                    self.base.access.expiry_secs,
                     m.refresh.as_deref(),
                     &m.scope,
                 )))
@@ -341,8 +338,9 @@ impl RefreshAccessToken {
                 // Reuse: the family is compromised. The revocation must be written before we
                 // answer; if the store fails, the error (503) goes out instead.
                 let revoked = self
+                    .base
                     .monitor
-                    .time(StoreOp::RevokeFamily, self.store.revoke_family(family))
+                    .time(StoreOp::RevokeFamily, self.base.store.revoke_family(family))
                     .await?;
                 tracing::warn!(client_id = %app.client_id, family = ?family, revoked, "refresh token reuse detected; token family revoked");
                 ex.set("refresh.reuse_detected", "true");
@@ -372,7 +370,7 @@ impl Filter for RefreshAccessToken {
     }
 
     fn monitoring(&self) -> Option<&MonitoringConfig> {
-        Some(&self.monitor.config)
+        Some(&self.base.monitor.config)
     }
 }
 
