@@ -172,6 +172,42 @@ pub fn default_token_policy() -> String {
         .expect("policies/token.yaml")
 }
 
+/// A token endpoint that dispatches on grant_type (as policies/token.yaml does), with extra
+/// YAML settings for each of the two grant nodes (indented for a node's body).
+pub fn dispatch_policy(cc: &str, refresh: &str) -> String {
+    format!(
+        r#"
+policies:
+  - name: token
+    route: {{ path: /oauth/token, methods: [POST] }}
+    chain:
+      - name: is-cc
+        type: compare_attribute
+        attribute: http.form.grant_type
+        equals: client_credentials
+        on_failure: refresh
+      - name: cc
+        type: client_credentials
+        include_refresh_token: true
+{cc}
+      - name: refresh
+        type: refresh_access_token
+{refresh}
+"#
+    )
+}
+
+/// `POST /reload` on the admin listener.
+pub async fn post_reload(gw: &Gateway) -> Resp {
+    send(
+        gw.admin_addr,
+        request(Method::POST, "/reload")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
 /// The path to the `gateway` binary built for these tests.
 pub fn gateway_bin() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 use tests::*;
 
 const V1: &str = r#"
@@ -35,16 +33,6 @@ policies:
     chain: [{ name: r, type: set_response, body: "new route" }]
 "#;
 
-async fn post_reload(gw: &Gateway) -> Resp {
-    send(
-        gw.admin_addr,
-        request(Method::POST, "/reload")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn reload_swaps_in_a_valid_set_and_in_flight_requests_finish_on_the_old_one() {
     let dir = PolicyDir::new(&[("p.yaml", V1)]);
@@ -55,7 +43,7 @@ async fn reload_swaps_in_a_valid_set_and_in_flight_requests_finish_on_the_old_on
     let in_flight = tokio::spawn(async move { get(a, "/old").await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     dir.write("p.yaml", V2);
-    let r = post_reload(&gw).await;
+    let r = tests::post_reload(&gw).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["reloaded"], true);
 
@@ -87,7 +75,7 @@ async fn an_invalid_set_is_refused_with_422_and_the_old_set_keeps_serving() {
         "policies:\n  - name: a\n    route: { path: /a }\n    chain: [{ name: r, type: set_responze }]\n",
     );
     dir.write("q.yaml", "limits: { max_body_bytez: 1 }\n");
-    let r = post_reload(&gw).await;
+    let r = tests::post_reload(&gw).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     let j = r.json();
     assert_eq!(j["reloaded"], false);
@@ -121,7 +109,7 @@ async fn an_invalid_set_is_refused_with_422_and_the_old_set_keeps_serving() {
     // Fixing the folder makes the next reload succeed.
     std::fs::remove_file(dir.path().join("q.yaml")).unwrap();
     dir.write("p.yaml", V1);
-    assert_eq!(post_reload(&gw).await.status, StatusCode::OK);
+    assert_eq!(tests::post_reload(&gw).await.status, StatusCode::OK);
     assert_eq!(get(a, "/a").await.text(), "a v1");
     assert_eq!(get(a, "/new").await.status, StatusCode::NOT_FOUND);
     gw.shutdown().await;

@@ -644,26 +644,8 @@ async fn node_service_contexts_and_a_composite_that_succeeds_only_if_all_succeed
 /// A grant_type dispatch between a client_credentials node `cc` and a refresh node `refresh`,
 /// both with the given `monitoring.enabled`.
 fn dispatch_policy(enabled: bool) -> String {
-    format!(
-        r#"
-policies:
-  - name: token
-    route: {{ path: /oauth/token, methods: [POST] }}
-    chain:
-      - name: is-cc
-        type: compare_attribute
-        attribute: http.form.grant_type
-        equals: client_credentials
-        on_failure: refresh
-      - name: cc
-        type: client_credentials
-        include_refresh_token: true
-        monitoring: {{ enabled: {enabled} }}
-      - name: refresh
-        type: refresh_access_token
-        monitoring: {{ enabled: {enabled} }}
-"#
-    )
+    let monitoring = format!("        monitoring: {{ enabled: {enabled} }}");
+    tests::dispatch_policy(&monitoring, &monitoring)
 }
 
 /// Two client-credentials grants, two good refreshes, one reuse of a rotated refresh token,
@@ -786,16 +768,6 @@ async fn filter_monitoring_disabled_records_nothing_for_that_node() {
     );
 }
 
-async fn reload(gw: &Gateway) -> Resp {
-    send(
-        gw.admin_addr,
-        request(Method::POST, "/reload")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn reloads_are_counted_by_result() {
     let dir = PolicyDir::new(&[("whoami.yaml", WHOAMI)]);
@@ -805,19 +777,19 @@ async fn reloads_are_counted_by_result() {
     let m = scrape(&gw).await;
     assert_eq!((reloads(&m, "ok"), reloads(&m, "error")), (0.0, 0.0));
 
-    let r = reload(&gw).await;
+    let r = tests::post_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let m = scrape(&gw).await;
     assert_eq!((reloads(&m, "ok"), reloads(&m, "error")), (1.0, 0.0));
 
     dir.write("broken.yaml", "policies:\n  - name: broken\n    chain: 7\n");
-    let r = reload(&gw).await;
+    let r = tests::post_reload(&gw).await;
     assert_eq!(r.status, 422, "{}", r.text());
     let m = scrape(&gw).await;
     assert_eq!((reloads(&m, "ok"), reloads(&m, "error")), (1.0, 1.0));
 
     std::fs::remove_file(dir.path().join("broken.yaml")).unwrap();
-    let r = reload(&gw).await;
+    let r = tests::post_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let m = scrape(&gw).await;
     assert_eq!((reloads(&m, "ok"), reloads(&m, "error")), (2.0, 1.0));

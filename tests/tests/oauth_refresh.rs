@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use store::Digest;
-use tests::{PolicyDir, Resp, SETTINGS, add_client, basic, default_token_policy, post_form};
+use tests::{
+    PolicyDir, Resp, SETTINGS, add_client, basic, default_token_policy, dispatch_policy, post_form,
+};
 
 const TOKEN: &str = "/oauth/token";
 
@@ -74,31 +76,6 @@ impl Setup {
     fn store(&self) -> store::SharedStore {
         self.gw.state.runtime.load().stores["tokens"].store.clone()
     }
-}
-
-/// A token endpoint that dispatches on grant_type (as policies/token.yaml does), with extra
-/// YAML settings for each of the two grant nodes (indented for a node's body).
-fn dispatch_policy(cc: &str, refresh: &str) -> String {
-    format!(
-        r#"
-policies:
-  - name: token
-    route: {{ path: /oauth/token, methods: [POST] }}
-    chain:
-      - name: is-cc
-        type: compare_attribute
-        attribute: http.form.grant_type
-        equals: client_credentials
-        on_failure: refresh
-      - name: cc
-        type: client_credentials
-        include_refresh_token: true
-{cc}
-      - name: refresh
-        type: refresh_access_token
-{refresh}
-"#
-    )
 }
 
 fn assert_no_store(r: &Resp) {
