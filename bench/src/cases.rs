@@ -67,9 +67,13 @@ impl Case {
             Case::Ceiling => "bare hyper 1.x, fixed 200",
             Case::Chain => "gateway: 3x set_attribute + set_response (default monitoring)",
             Case::ChainMetricsOff => "the same chain, policy monitoring.enabled: false",
-            Case::RefreshMemory => "refresh grant, moka store, metrics on",
-            Case::MetricsOff => "refresh grant, moka, monitoring off (policy + both grant nodes)",
-            Case::MetricsOn => "refresh grant, moka, monitoring on (policy + both grant nodes)",
+            Case::RefreshMemory => "refresh grant, memory store, metrics on",
+            Case::MetricsOff => {
+                "refresh grant, memory store, monitoring off (policy + both grant nodes)"
+            }
+            Case::MetricsOn => {
+                "refresh grant, memory store, monitoring on (policy + both grant nodes)"
+            }
             Case::SqliteRef => "SqlStore::rotate loop, SQLite, no HTTP",
             Case::RefreshSqlite => "refresh grant, SQLite store (WAL, synchronous=FULL)",
             Case::RefreshPostgres => "refresh grant, PostgreSQL store (server unpinned)",

@@ -117,7 +117,7 @@ impl Spread {
 
 pub struct MemoryFigures {
     pub pairs: usize,
-    pub moka: Result<(u64, u64), String>,
+    pub store: Result<(u64, u64), String>,
     pub hashmap: Result<(u64, u64), String>,
 }
 
@@ -229,7 +229,7 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
     );
     let memory = MemoryFigures {
         pairs: plan.mem_pairs,
-        moka: memory_run(bins, "moka", plan.mem_pairs),
+        store: memory_run(bins, "memory", plan.mem_pairs),
         hashmap: memory_run(bins, "hashmap", plan.mem_pairs),
     };
     let md = report(plan, &records, &memory);
@@ -591,7 +591,7 @@ fn report(plan: &Plan, records: &[Record], memory: &MemoryFigures) -> String {
             .filter(|(n, _)| *n > 0)
             .map(|(n, b)| (*b as f64 / *n as f64, *n))
     };
-    let moka = per(&memory.moka);
+    let store = per(&memory.store);
     let map = per(&memory.hashmap);
     let _ = writeln!(
         md,
@@ -607,9 +607,9 @@ fn report(plan: &Plan, records: &[Record], memory: &MemoryFigures) -> String {
     let _ = writeln!(md, "|---|---:|---:|---:|");
     for (name, v, raw) in [
         (
-            "`store::memory::MemoryStore` (moka, per-entry TTL)",
-            moka,
-            &memory.moka,
+            "`store::memory::MemoryStore` (sharded table, purge-driven expiry)",
+            store,
+            &memory.store,
         ),
         (
             "`std::collections::HashMap<[u8; 32], entry>` baseline, same fields",
@@ -683,13 +683,13 @@ fn report(plan: &Plan, records: &[Record], memory: &MemoryFigures) -> String {
         Target {
             what: "memory per refresh entry",
             goal: "<= 350 B",
-            figure: moka.map_or("–".into(), |(b, _)| {
+            figure: store.map_or("–".into(), |(b, _)| {
                 format!(
                     "{b:.0} B (HashMap baseline {})",
                     map.map_or("–".into(), |(m, _)| format!("{m:.0} B"))
                 )
             }),
-            met: moka.map(|(b, _)| b <= 350.0),
+            met: store.map(|(b, _)| b <= 350.0),
         },
         Target {
             what: "idle RSS",

@@ -42,7 +42,7 @@ usage:
   bench loadgen --addr ADDR [--conns N] [--threads N] [--warmup SECS] [--secs SECS]
                 (--path PATH | --client-id ID --secret SECRET)
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
-  bench mem-tokens --kind moka|hashmap [--pairs N]
+  bench mem-tokens --kind memory|hashmap [--pairs N]
 
 cases: ceiling chain chain-metrics-off refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
        refresh-postgres (PostgreSQL: TEST_DATABASE_URL, default
@@ -274,7 +274,7 @@ fn sqlite_ref(args: &Args) -> anyhow::Result<()> {
 }
 
 fn mem_tokens(args: &Args) -> anyhow::Result<()> {
-    let kind = args.get("--kind").unwrap_or("moka").to_owned();
+    let kind = args.get("--kind").unwrap_or("memory").to_owned();
     let pairs: usize = args.num("--pairs", 500_000)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -4,7 +4,7 @@
 //!   `TokenStore::rotate` with a decision that mints a successor pair, as the filter's does),
 //!   `tasks` chains at once on a runtime with the same worker count as the gateway. This is the
 //!   denominator of the `refresh-sqlite >= 0.75x` target.
-//! - `memory_per_token`: RSS delta per entry for N entries in the moka `MemoryStore`, or in a
+//! - `memory_per_token`: RSS delta per entry for N entries in the `MemoryStore`, or in a
 //!   plain `std::collections::HashMap<[u8; 32], _>` holding the same fields (the baseline).
 
 use std::collections::{BTreeMap, HashMap};
@@ -173,7 +173,7 @@ pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, 
     let before = procfs::status_kb("self", "VmRSS").unwrap_or(0);
     let now = store::now();
     let measured = match kind {
-        "moka" => {
+        "memory" => {
             let store = store::memory::MemoryStore::new((pairs * 2) as u64);
             for _ in 0..pairs {
                 store
@@ -212,7 +212,7 @@ pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, 
             drop(map);
             (entries, after.saturating_sub(before) * 1024)
         }
-        other => anyhow::bail!("unknown memory kind {other:?} (moka | hashmap)"),
+        other => anyhow::bail!("unknown memory kind {other:?} (memory | hashmap)"),
     };
     Ok(measured)
 }

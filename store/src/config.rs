@@ -13,7 +13,7 @@ use crate::{SharedStore, StoreError};
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StoreConfig {
-    /// moka in memory: fast, lost on restart, private to one process.
+    /// In memory (sharded hash table): fast, lost on restart, private to one process.
     Memory(MemoryConfig),
     /// sqlx: `sqlite://path` (durable, one machine) or `postgres://...` (many replicas).
     Sql(SqlConfig),

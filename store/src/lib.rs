@@ -1,7 +1,7 @@
 //! Token stores and the client application registry.
 //!
 //! Every filter talks to tokens through [`TokenStore`], so a policy can keep its tokens in memory
-//! (moka, the embedded default), in SQLite (durable, one machine) or in PostgreSQL (shared by
+//! (the embedded default), in SQLite (durable, one machine) or in PostgreSQL (shared by
 //! many gateway replicas) without any change to the filter. Stores never see a token: they keep
 //! the SHA-256 [`Digest`] of it, so a dump of the cache or the database holds nothing usable.
 //!

@@ -1,33 +1,43 @@
-//! The in-memory store: moka, the embedded default. Fast, private to one process, lost on
-//! restart.
+//! The in-memory store, the embedded default: fast, private to one process, lost on restart.
 //!
-//! One cache holds every token, keyed by its [`Digest`]; an access token and the refresh token
-//! of the same issue share one `Arc<Grant>`, so an entry is a digest, a pointer and a few
-//! integers. Each entry expires at the token's own `expires_at` (moka's per-entry [`Expiry`]),
-//! and the cache is bounded by `max_tokens` with plain LRU eviction, so a new token is always
-//! admitted (TinyLFU could refuse a fresh token, which would hand the client a dead one);
-//! evictions are counted.
+//! Tokens sit in a plain hash table keyed by their [`Digest`], split into [`SHARDS`] shards
+//! behind their own mutexes so that the two cores never wait on one lock. An access token and
+//! the refresh token of the same issue share one `Arc<Grant>`, so an entry is a digest, two
+//! pointers and a few integers (≈ 88 bytes in its slot). There is no per-entry timer, deque
+//! node or reference-counted key, which is what keeps a million live tokens near 300 bytes
+//! each (BENCHMARKS.md) and a rotation near a microsecond.
+//!
+//! Expiry: every lookup compares `expires_at` with the caller's clock, so a token is refused at
+//! its expiry whatever is still in memory; the purge task removes expired entries and
+//! tombstones every `purge_interval_secs` (one pass over the shards, one shard locked at a
+//! time).
+//!
+//! Bound: at `max_tokens` entries a write first evicts one entry, so a new token is always
+//! admitted (refusing it would hand the client a dead token). The victim is the entry with the
+//! earliest expiry among a sample of [`EVICTION_SAMPLE`] entries of the written shard; consumed
+//! and revoked entries go before live ones. Evictions are counted.
 //!
 //! Every change to an existing entry (consume, revoke) happens under the lock of the token's
 //! family, taken from a small set of striped mutexes. That makes rotation atomic (of N
 //! concurrent rotations of one token exactly one sees it unconsumed) and lets a family
-//! revocation scan the cache without racing a rotation that would add a fresh pair behind it.
+//! revocation scan the store without racing a rotation that would add a fresh pair behind it.
 //! Consumed refresh tokens stay as tombstones until their expiry, so a replay is told apart
 //! from an unknown token.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use moka::Expiry;
-use moka::notification::RemovalCause;
-use moka::policy::EvictionPolicy;
-use moka::sync::Cache;
 
 use crate::*;
 
+/// Shards of the table (a power of two). Each is one `HashMap` behind one mutex.
+const SHARDS: usize = 64;
+/// Family lock stripes.
 const LOCK_STRIPES: usize = 64;
+/// Entries looked at to choose one victim when the store is full.
+const EVICTION_SAMPLE: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -53,12 +63,12 @@ struct Tomb {
     replay: Option<Replay>,
 }
 
-/// One cache entry. Kept small on purpose (see the size test below): the family id is stored
+/// One table entry. Kept small on purpose (see the size test below): the family id is stored
 /// as two u64 so that the u128's 16-byte alignment does not pad the struct.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Entry {
     grant: Arc<Grant>,
-    tomb: Option<Arc<Tomb>>,
+    tomb: Option<Box<Tomb>>,
     family: [u64; 2],
     issued_at: UnixTime,
     expires_at: UnixTime,
@@ -95,73 +105,61 @@ impl Entry {
     fn is_live(&self, now: UnixTime) -> bool {
         self.state == State::Live && self.expires_at > now
     }
-}
 
-/// moka's expiry follows the token's own lifetime. moka measures with a monotonic clock and
-/// tokens with the wall clock, so the remaining lifetime is taken from the wall clock when the
-/// entry is written; lookups still compare `expires_at` with the caller's `now`, so a token is
-/// refused at its expiry whatever moka has or has not removed yet.
-struct TokenExpiry;
-
-impl TokenExpiry {
-    fn remaining(entry: &Entry) -> Option<Duration> {
-        let left = entry.expires_at.saturating_sub(crate::now());
-        Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
+    /// Eviction order, lowest first: spent entries (consumed, revoked) before live ones, then
+    /// the oldest issue, then the earliest expiry.
+    fn eviction_rank(&self) -> (bool, UnixTime, UnixTime) {
+        (self.state == State::Live, self.issued_at, self.expires_at)
     }
 }
 
-impl Expiry<Digest, Entry> for TokenExpiry {
-    fn expire_after_create(&self, _key: &Digest, value: &Entry, _at: Instant) -> Option<Duration> {
-        Self::remaining(value)
-    }
+type Table = HashMap<Digest, Entry, DigestBuildHasher>;
 
-    fn expire_after_update(
-        &self,
-        _key: &Digest,
-        value: &Entry,
-        _at: Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Self::remaining(value)
-    }
+/// The shard of a digest: bytes 8..16, independent of the bytes 0..8 that [`DigestHasher`]
+/// hands the table, so that every shard's buckets fill evenly.
+fn shard_of(digest: &Digest) -> usize {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest.0[8..16]);
+    (u64::from_le_bytes(b) as usize) & (SHARDS - 1)
 }
 
-/// The moka token store. Cheap to share behind an `Arc`.
+/// A lock whose data a panic elsewhere cannot have left half-written: no code panics while
+/// holding a shard (the caller's `decide` runs outside every shard lock), and a stripe guards
+/// `()`.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a rotation found under the presented digest.
+enum Found {
+    Invalid,
+    WrongClient,
+    Consumed {
+        family: FamilyId,
+        tomb: Option<(Digest, Option<Replay>)>,
+    },
+    Live(RefreshToken),
+}
+
+/// The in-memory token store. Cheap to share behind an `Arc`.
 pub struct MemoryStore {
-    cache: Cache<Digest, Entry, DigestBuildHasher>,
+    shards: Box<[Mutex<Table>]>,
     locks: Box<[Mutex<()>]>,
-    evictions: Arc<AtomicU64>,
-    /// Entries moka removed by itself at their expiry since the last purge; the purge reports
-    /// them together with the ones it removes.
-    expired: Arc<AtomicU64>,
+    max_tokens: u64,
+    len: AtomicU64,
+    evictions: AtomicU64,
 }
 
 impl MemoryStore {
     /// A store holding at most `max_tokens` entries (access and refresh tokens together,
-    /// tombstones included). Past that the least recently used entries are evicted.
+    /// tombstones included); past that, each write evicts one entry first.
     pub fn new(max_tokens: u64) -> Self {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let expired = Arc::new(AtomicU64::new(0));
-        let (ev, ex) = (evictions.clone(), expired.clone());
-        let cache = Cache::builder()
-            .max_capacity(max_tokens)
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(TokenExpiry)
-            .eviction_listener(move |_key, _value, cause| match cause {
-                RemovalCause::Size => {
-                    ev.fetch_add(1, Ordering::Relaxed);
-                }
-                RemovalCause::Expired => {
-                    ex.fetch_add(1, Ordering::Relaxed);
-                }
-                RemovalCause::Explicit | RemovalCause::Replaced => {}
-            })
-            .build_with_hasher(DigestBuildHasher::default());
         MemoryStore {
-            cache,
+            shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            evictions,
-            expired,
+            max_tokens: max_tokens.max(1),
+            len: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
         }
     }
 
@@ -170,45 +168,91 @@ impl MemoryStore {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    /// Entries currently held (live, consumed and revoked), after moka's pending maintenance.
+    /// Entries currently held (live, consumed and revoked, expired ones until the purge).
     pub fn entry_count(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.len.load(Ordering::Relaxed)
     }
 
     fn lock(&self, family: FamilyId) -> MutexGuard<'_, ()> {
-        let stripe = (family.0 as usize) % self.locks.len();
-        // The guarded data is `()`: a panic elsewhere cannot have left it inconsistent.
-        self.locks[stripe].lock().unwrap_or_else(|p| p.into_inner())
+        locked(&self.locks[(family.0 as usize) % LOCK_STRIPES])
     }
 
-    fn write_issue(&self, issue: &Issue, family: FamilyId, generation: u32) {
-        self.cache.insert(
-            issue.access.digest,
-            Entry::new(
-                issue.access_grant.as_ref().unwrap_or(&issue.grant).clone(),
-                family,
-                generation,
-                issue.issued_at,
-                issue.access,
-                Kind::Access,
-            ),
-        );
-        if let Some(refresh) = issue.refresh {
-            self.cache.insert(
-                refresh.digest,
-                Entry::new(
-                    issue.grant.clone(),
-                    family,
-                    generation,
-                    issue.issued_at,
-                    refresh,
-                    Kind::Refresh,
-                ),
-            );
+    fn shard(&self, digest: &Digest) -> MutexGuard<'_, Table> {
+        locked(&self.shards[shard_of(digest)])
+    }
+
+    fn read<R>(&self, digest: &Digest, f: impl FnOnce(&Entry) -> R) -> Option<R> {
+        self.shard(digest).get(digest).map(f)
+    }
+
+    fn update<R>(&self, digest: &Digest, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        self.shard(digest).get_mut(digest).map(f)
+    }
+
+    /// Makes room for new entries under these digests (all of them before any is written, so
+    /// that the eviction for the second cannot pick the first).
+    fn make_room(&self, digests: &[Digest]) {
+        let wanted = self.len.load(Ordering::Relaxed) + digests.len() as u64;
+        let over = wanted.saturating_sub(self.max_tokens) as usize;
+        for digest in digests.iter().take(over) {
+            self.evict_one(shard_of(digest));
         }
     }
 
+    fn put(&self, digest: Digest, entry: Entry) {
+        if locked(&self.shards[shard_of(&digest)])
+            .insert(digest, entry)
+            .is_none()
+        {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Evicts one entry, from the shard about to be written when it has any (a store far
+    /// smaller than its shard count may have to look further). One shard is locked at a time.
+    fn evict_one(&self, start: usize) {
+        for i in 0..SHARDS {
+            let mut table = locked(&self.shards[(start + i) % SHARDS]);
+            let victim = table
+                .iter()
+                .take(EVICTION_SAMPLE)
+                .min_by_key(|(_, e)| e.eviction_rank())
+                .map(|(d, _)| *d);
+            if let Some(d) = victim {
+                table.remove(&d);
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    fn write_issue(&self, issue: &Issue, family: FamilyId, generation: u32) {
+        let entry = |grant: &Arc<Grant>, token: NewToken, kind| {
+            Entry::new(
+                grant.clone(),
+                family,
+                generation,
+                issue.issued_at,
+                token,
+                kind,
+            )
+        };
+        match issue.refresh {
+            Some(refresh) => self.make_room(&[issue.access.digest, refresh.digest]),
+            None => self.make_room(&[issue.access.digest]),
+        }
+        let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
+        self.put(
+            issue.access.digest,
+            entry(access_grant, issue.access, Kind::Access),
+        );
+        if let Some(refresh) = issue.refresh {
+            self.put(refresh.digest, entry(&issue.grant, refresh, Kind::Refresh));
+        }
+    }
+
+    /// The rotation proper; the caller holds the family lock.
     fn rotate_locked(
         &self,
         presented: &Digest,
@@ -216,50 +260,56 @@ impl MemoryStore {
         now: UnixTime,
         decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
     ) -> RotateOutcome {
-        let Some(entry) = self.cache.get(presented) else {
-            return RotateOutcome::Invalid;
+        let found = self.read(presented, |e| {
+            if e.kind != Kind::Refresh || e.state == State::Revoked || e.expires_at <= now {
+                Found::Invalid
+            } else if e.grant.client_id != client_id {
+                Found::WrongClient
+            } else if e.state == State::Consumed {
+                Found::Consumed {
+                    family: e.family(),
+                    tomb: e.tomb.as_ref().map(|t| (t.successor, t.replay.clone())),
+                }
+            } else {
+                Found::Live(RefreshToken {
+                    grant: e.grant.clone(),
+                    family: e.family(),
+                    generation: e.generation,
+                    issued_at: e.issued_at,
+                    expires_at: e.expires_at,
+                })
+            }
+        });
+        let consumed = match found {
+            None | Some(Found::Invalid) => return RotateOutcome::Invalid,
+            Some(Found::WrongClient) => return RotateOutcome::WrongClient,
+            Some(Found::Consumed { family, tomb }) => {
+                let replay = tomb.and_then(|(successor, replay)| {
+                    let replay = replay.filter(|r| r.until > now)?;
+                    let successor_live = self.read(&successor, |s| s.is_live(now));
+                    successor_live.unwrap_or(false).then_some(replay)
+                });
+                return RotateOutcome::AlreadyRotated { family, replay };
+            }
+            Some(Found::Live(token)) => token,
         };
-        if entry.kind != Kind::Refresh || entry.state == State::Revoked || entry.expires_at <= now {
-            return RotateOutcome::Invalid;
-        }
-        if entry.grant.client_id != client_id {
-            return RotateOutcome::WrongClient;
-        }
-        let family = entry.family();
-        if entry.state == State::Consumed {
-            let replay = entry.tomb.as_ref().and_then(|tomb| {
-                let replay = tomb.replay.as_ref().filter(|r| r.until > now)?;
-                let successor_live = self
-                    .cache
-                    .get(&tomb.successor)
-                    .is_some_and(|s| s.is_live(now));
-                successor_live.then(|| replay.clone())
-            });
-            return RotateOutcome::AlreadyRotated { family, replay };
-        }
-        let consumed = RefreshToken {
-            grant: entry.grant.clone(),
-            family,
-            generation: entry.generation,
-            issued_at: entry.issued_at,
-            expires_at: entry.expires_at,
-        };
+        // `decide` runs with the family lock held and no shard locked.
         let issue = match decide(&consumed) {
             RotateDecision::Reject => return RotateOutcome::Rejected,
             RotateDecision::Rotate(issue) => issue,
         };
-        let generation = entry.generation.saturating_add(1);
-        self.write_issue(&issue, family, generation);
-        let successor = issue.refresh.map_or(issue.access.digest, |r| r.digest);
-        let tomb = Entry {
-            state: State::Consumed,
-            tomb: Some(Arc::new(Tomb {
-                successor,
-                replay: issue.replay,
-            })),
-            ..entry
-        };
-        self.cache.insert(*presented, tomb);
+        let generation = consumed.generation.saturating_add(1);
+        self.write_issue(&issue, consumed.family, generation);
+        let tomb = Box::new(Tomb {
+            successor: issue.refresh.map_or(issue.access.digest, |r| r.digest),
+            replay: issue.replay,
+        });
+        // Absent only if the entry was evicted or purged meanwhile: then there is nothing left
+        // to mark, and a replay of it will read as unknown.
+        self.update(presented, |e| {
+            e.state = State::Consumed;
+            e.tomb = Some(tomb);
+        });
         RotateOutcome::Rotated { consumed }
     }
 }
@@ -281,15 +331,15 @@ impl TokenStore for MemoryStore {
         now: UnixTime,
     ) -> StoreResult<Option<AccessToken>> {
         Ok(self
-            .cache
-            .get(digest)
-            .filter(|e| e.kind == Kind::Access && e.is_live(now))
-            .map(|e| AccessToken {
-                family: e.family(),
-                grant: e.grant,
-                issued_at: e.issued_at,
-                expires_at: e.expires_at,
-            }))
+            .read(digest, |e| {
+                (e.kind == Kind::Access && e.is_live(now)).then(|| AccessToken {
+                    family: e.family(),
+                    grant: e.grant.clone(),
+                    issued_at: e.issued_at,
+                    expires_at: e.expires_at,
+                })
+            })
+            .flatten())
     }
 
     async fn rotate(
@@ -301,7 +351,7 @@ impl TokenStore for MemoryStore {
     ) -> StoreResult<RotateOutcome> {
         // The family of a digest never changes, so it can be read before taking the lock; the
         // entry itself is read again under it.
-        let Some(family) = self.cache.get(presented).map(|e| e.family()) else {
+        let Some(family) = self.read(presented, Entry::family) else {
             return Ok(RotateOutcome::Invalid);
         };
         let _guard = self.lock(family);
@@ -310,23 +360,19 @@ impl TokenStore for MemoryStore {
 
     async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {
         let now = crate::now();
-        let Some(family) = self.cache.get(digest).map(|e| e.family()) else {
+        let Some(family) = self.read(digest, Entry::family) else {
             return Ok(false);
         };
         let _guard = self.lock(family);
-        match self.cache.get(digest) {
-            Some(entry) if entry.is_live(now) => {
-                self.cache.insert(
-                    *digest,
-                    Entry {
-                        state: State::Revoked,
-                        ..entry
-                    },
-                );
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self
+            .update(digest, |e| {
+                let live = e.is_live(now);
+                if live {
+                    e.state = State::Revoked;
+                }
+                live
+            })
+            .unwrap_or(false))
     }
 
     async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
@@ -337,44 +383,45 @@ impl TokenStore for MemoryStore {
         let now = crate::now();
         let _guard = self.lock(family);
         let mut revoked = 0;
-        for (digest, entry) in self.cache.iter() {
-            if entry.family() != family || entry.state == State::Revoked {
-                continue;
+        for shard in self.shards.iter() {
+            for entry in locked(shard).values_mut() {
+                if entry.family() != family || entry.state == State::Revoked {
+                    continue;
+                }
+                if entry.is_live(now) {
+                    revoked += 1;
+                }
+                entry.state = State::Revoked;
+                entry.tomb = None;
             }
-            if entry.is_live(now) {
-                revoked += 1;
-            }
-            self.cache.insert(
-                *digest,
-                Entry {
-                    state: State::Revoked,
-                    tomb: None,
-                    ..entry
-                },
-            );
         }
         Ok(revoked)
     }
 
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
-        self.cache.run_pending_tasks();
-        let mut removed = self.expired.swap(0, Ordering::Relaxed);
-        let expired: Vec<Digest> = self
-            .cache
-            .iter()
-            .filter(|(_, e)| e.expires_at <= now)
-            .map(|(d, _)| *d)
-            .collect();
-        for digest in expired {
-            if self.cache.remove(&digest).is_some() {
-                removed += 1;
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut table = locked(shard);
+            let before = table.len();
+            table.retain(|_, e| e.expires_at > now);
+            let gone = before - table.len();
+            // Give memory back after a wave of expiries (a table never shrinks by itself).
+            if gone > 0 && table.len() * 4 < table.capacity() {
+                let keep = table.len() * 2;
+                table.shrink_to(keep);
             }
+            self.len.fetch_sub(gone as u64, Ordering::Relaxed);
+            removed += gone as u64;
         }
         Ok(removed)
     }
 
     async fn count_live(&self, now: UnixTime) -> StoreResult<u64> {
-        Ok(self.cache.iter().filter(|(_, e)| e.is_live(now)).count() as u64)
+        let mut live = 0;
+        for shard in self.shards.iter() {
+            live += locked(shard).values().filter(|e| e.is_live(now)).count() as u64;
+        }
+        Ok(live)
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -388,8 +435,8 @@ mod tests {
 
     #[test]
     fn entries_stay_small() {
-        // Budget at 1M entries is 350 bytes per refresh entry including moka's own
-        // bookkeeping; the value itself must stay a small fixed size.
+        // The budget is 350 bytes per entry at 1M entries, grant and table slack included:
+        // the slot (key + entry) must stay a small fixed size.
         assert!(
             std::mem::size_of::<Entry>() <= 56,
             "{}",
@@ -412,5 +459,81 @@ mod tests {
             Kind::Access,
         );
         assert_eq!(e.family(), family);
+    }
+
+    fn pair(store: &MemoryStore, now: UnixTime, access_ttl: i64) -> Digest {
+        let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now, access_ttl, 7200);
+        let access = issue.access.digest;
+        store.write_issue(&issue, issue.family, 0);
+        access
+    }
+
+    /// A digest in shard 0 (bytes 8..16 zero), told apart by its first byte.
+    fn in_shard_zero(n: u8) -> Digest {
+        let mut d = [0u8; 32];
+        d[0] = n;
+        Digest(d)
+    }
+
+    fn live(issued_at: UnixTime, expires_at: UnixTime) -> Entry {
+        let token = NewToken {
+            digest: Digest([0; 32]),
+            expires_at,
+        };
+        Entry::new(
+            Arc::default(),
+            FamilyId(1),
+            0,
+            issued_at,
+            token,
+            Kind::Refresh,
+        )
+    }
+
+    fn write(store: &MemoryStore, n: u8, entry: Entry) {
+        store.make_room(&[in_shard_zero(n)]);
+        store.put(in_shard_zero(n), entry);
+    }
+
+    #[test]
+    fn eviction_prefers_spent_then_oldest_then_soonest_expiring_entries() {
+        let store = MemoryStore::new(4);
+        for (n, issued_at, expires_at) in [(1, 10, 500), (2, 10, 100), (3, 20, 900), (4, 30, 90)] {
+            write(&store, n, live(issued_at, expires_at));
+        }
+        store.update(&in_shard_zero(3), |e| e.state = State::Consumed);
+        write(&store, 5, live(40, 1000));
+        assert!(
+            store.read(&in_shard_zero(3), |_| ()).is_none(),
+            "spent first"
+        );
+        write(&store, 6, live(40, 1000));
+        assert!(
+            store.read(&in_shard_zero(2), |_| ()).is_none(),
+            "then the oldest, the soonest expiring of those"
+        );
+        assert_eq!(store.entry_count(), 4);
+        assert_eq!(store.evictions(), 2);
+        for n in [1, 4, 5, 6] {
+            assert!(store.read(&in_shard_zero(n), |_| ()).is_some(), "{n} kept");
+        }
+    }
+
+    #[test]
+    fn purge_counts_and_releases_entries() {
+        let store = MemoryStore::new(1000);
+        let now = crate::now();
+        for _ in 0..100 {
+            pair(&store, now, 60);
+        }
+        assert_eq!(store.entry_count(), 200);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        // Past the access tokens' expiry, before the refresh tokens'.
+        let removed = rt.block_on(store.purge_expired(now + 61)).expect("purge");
+        assert_eq!(removed, 100);
+        assert_eq!(store.entry_count(), 100);
+        assert_eq!(rt.block_on(store.count_live(now + 61)).expect("count"), 100);
     }
 }

@@ -3,8 +3,8 @@
 //! store kind adds one line there. The functions panic (assert) on a violation.
 //!
 //! Time is moved through the `now` argument of the trait, never by sleeping: every function
-//! starts from the wall clock (so that moka's own expiry, which runs on real time, stays out of
-//! the way) and looks at the store from later instants.
+//! starts from the wall clock (so that a store's own clock, a database's `now()` say, stays out
+//! of the way) and looks at the store from later instants.
 
 use std::collections::BTreeMap;
 use std::future::Future;

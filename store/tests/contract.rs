@@ -1,5 +1,5 @@
 //! The contract suite (`store::testing`) on every store kind, plus what only one kind has:
-//! moka's capacity bound, SQLite's file, PostgreSQL's recovery after lost connections.
+//! the memory store's capacity bound, SQLite's file, PostgreSQL's recovery after lost connections.
 //!
 //! The PostgreSQL tests are ignored by default and read `TEST_DATABASE_URL`; run them with
 //! `TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo test -p store -- --include-ignored`.
