@@ -322,7 +322,10 @@ pub async fn open_registry(
             let sql = store::sql::SqlStore::connect(c)
                 .await
                 .map_err(|e| format!("cannot open store {store:?}: {e}"))?;
-            Ok(Arc::new(sql))
+            // Lookups are reused for a second (CachedRegistry), not queried per request.
+            Ok(Arc::new(store::clients::cached::CachedRegistry::new(
+                Arc::new(sql),
+            )))
         }
     }
 }

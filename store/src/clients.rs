@@ -4,6 +4,7 @@
 //! enabled flag, its registered scopes and the grant types it may use. Two backends: a YAML file
 //! (the default; [`file::FileRegistry`]) and a table in a SQL store ([`crate::sql::SqlStore`]).
 
+pub mod cached;
 pub mod file;
 
 use std::sync::Arc;
@@ -63,7 +64,7 @@ pub fn generate_secret() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 48)
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("client registry unavailable: {0}")]
     Unavailable(String),
