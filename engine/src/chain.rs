@@ -92,12 +92,27 @@ async fn walk(policy: &Policy, ex: &mut Exchange, contexts: &mut Contexts) -> Fi
     } else {
         Some(0)
     };
+    // Node times are read only when some node records them (node metrics or a node-level
+    // service context), and one clock read serves as the end of a node and the start of the
+    // next.
+    let timed = policy
+        .nodes
+        .iter()
+        .any(|n| n.metrics.is_some() || n.context.is_some());
+    let mut mark = timed.then(Instant::now);
     while let Some(i) = at {
         let node = &policy.nodes[i];
         trail.push(i as u16);
-        let started = Instant::now();
         let flow = node.filter.on_request(ex).await;
-        let elapsed = started.elapsed();
+        let elapsed = match &mut mark {
+            Some(mark) => {
+                let now = Instant::now();
+                let elapsed = now - *mark;
+                *mark = now;
+                elapsed
+            }
+            None => Duration::ZERO,
+        };
         match flow {
             Ok(Flow::Pass) => {
                 contexts.node(node, Outcome::Success, elapsed);
