@@ -7,10 +7,8 @@
 //! are set by filters.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
@@ -96,11 +94,11 @@ pub struct Exchange {
     pub request: Parts,
     pub body: Bytes,
     pub response: PendingResponse,
-    /// Attributes set by filters. Names are the YAML names.
-    attributes: HashMap<String, String>,
+    /// Attributes set by filters, as (name, value); names are the YAML names. A request
+    /// carries a handful, so a scan of a vector beats hashing every name.
+    attributes: Vec<(String, String)>,
     query: OnceLock<Params>,
     form: OnceLock<Params>,
-    pub started: Instant,
 }
 
 impl Exchange {
@@ -109,10 +107,9 @@ impl Exchange {
             request,
             body,
             response: PendingResponse::default(),
-            attributes: HashMap::new(),
+            attributes: Vec::new(),
             query: OnceLock::new(),
             form: OnceLock::new(),
-            started: Instant::now(),
         }
     }
 
@@ -158,17 +155,25 @@ impl Exchange {
             })
     }
 
-    pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.attributes.insert(name.into(), value.into());
+    pub fn set(&mut self, name: impl Into<String> + AsRef<str>, value: impl Into<String>) {
+        match self
+            .attributes
+            .iter_mut()
+            .find(|(n, _)| n.as_str() == name.as_ref())
+        {
+            Some((_, v)) => *v = value.into(),
+            None => self.attributes.push((name.into(), value.into())),
+        }
     }
 
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        self.attributes.remove(name)
+        let i = self.attributes.iter().position(|(n, _)| n == name)?;
+        Some(self.attributes.swap_remove(i).1)
     }
 
     /// The value of a named attribute: one set by a filter, or one read from the request.
     pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
-        if let Some(v) = self.attributes.get(name) {
+        if let Some((_, v)) = self.attributes.iter().find(|(n, _)| n == name) {
             return Some(Cow::Borrowed(v));
         }
         let rest = name.strip_prefix("http.")?;
@@ -227,7 +232,7 @@ impl fmt::Debug for Exchange {
     // Attribute values may be secrets (`http.form.client_secret`, a refresh token) or carry
     // them: Debug prints the names only, and the request line without its query string.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names: Vec<&str> = self.attributes.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = self.attributes.iter().map(|(n, _)| n.as_str()).collect();
         names.sort_unstable();
         f.debug_struct("Exchange")
             .field("method", &self.request.method)
