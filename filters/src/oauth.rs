@@ -121,8 +121,9 @@ pub fn join_scope<'a>(set: impl IntoIterator<Item = &'a str>) -> String {
 }
 
 /// The RFC 6749 §5.1 success response. Written directly rather than through a JSON value
-/// tree: this is the token endpoint's hot path. Tokens are alphanumeric; the token type and the
-/// scope go through serde_json's string escaping.
+/// tree: this is the token endpoint's hot path. The tokens are the gateway's own (alphanumeric,
+/// see [`generate_token`]) and go in as they are; the token type and the scope come from
+/// configuration and requests and go through serde_json's string escaping.
 pub fn token_response(
     access_token: &str,
     token_type: &str,
@@ -130,22 +131,30 @@ pub fn token_response(
     refresh_token: Option<&str>,
     scope: &str,
 ) -> Response {
-    use std::fmt::Write as _;
-    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
-    let mut body = String::with_capacity(160 + access_token.len() + scope.len());
-    let _ = write!(
-        body,
-        "{{\"access_token\":{},\"token_type\":{},\"expires_in\":{expires_in}",
-        quoted(access_token),
-        quoted(token_type)
-    );
+    use std::io::Write as _;
+    debug_assert!(access_token.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let mut body = Vec::with_capacity(160 + access_token.len() + scope.len());
+    let quoted = |body: &mut Vec<u8>, s: &str| {
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *body, s);
+    };
+    body.extend_from_slice(b"{\"access_token\":\"");
+    body.extend_from_slice(access_token.as_bytes());
+    body.extend_from_slice(b"\",\"token_type\":");
+    quoted(&mut body, token_type);
+    body.extend_from_slice(b",\"expires_in\":");
+    let _ = write!(body, "{expires_in}");
     if let Some(rt) = refresh_token {
-        let _ = write!(body, ",\"refresh_token\":{}", quoted(rt));
+        debug_assert!(rt.bytes().all(|b| b.is_ascii_alphanumeric()));
+        body.extend_from_slice(b",\"refresh_token\":\"");
+        body.extend_from_slice(rt.as_bytes());
+        body.push(b'"');
     }
     if !scope.is_empty() {
-        let _ = write!(body, ",\"scope\":{}", quoted(scope));
+        body.extend_from_slice(b",\"scope\":");
+        quoted(&mut body, scope);
     }
-    body.push('}');
+    body.push(b'}');
     token_response_from_body(Bytes::from(body))
 }
 
