@@ -10,7 +10,7 @@
 //! Expiry: every lookup compares `expires_at` with the caller's clock, so a token is refused at
 //! its expiry whatever is still in memory; the purge task removes expired entries and
 //! tombstones every `purge_interval_secs` (one pass over the shards, one shard locked at a
-//! time).
+//! time, yielding to the runtime between shards so that requests are not held up by a pass).
 //!
 //! Bound: at `max_tokens` entries a write first evicts one entry, so a new token is always
 //! admitted (refusing it would hand the client a dead token). The victim is the entry with the
@@ -252,6 +252,18 @@ impl MemoryStore {
         }
     }
 
+    /// Removes a shard's expired entries; returns how many went.
+    fn purge_shard(table: &mut Table, now: UnixTime) -> u64 {
+        let before = table.len();
+        table.retain(|_, e| e.expires_at > now);
+        let gone = before - table.len();
+        // Give memory back after a wave of expiries (a table never shrinks by itself).
+        if gone > 0 && table.len() * 4 < table.capacity() {
+            table.shrink_to(table.len() * 2);
+        }
+        gone as u64
+    }
+
     /// The rotation proper; the caller holds the family lock.
     fn rotate_locked(
         &self,
@@ -401,17 +413,12 @@ impl TokenStore for MemoryStore {
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let mut table = locked(shard);
-            let before = table.len();
-            table.retain(|_, e| e.expires_at > now);
-            let gone = before - table.len();
-            // Give memory back after a wave of expiries (a table never shrinks by itself).
-            if gone > 0 && table.len() * 4 < table.capacity() {
-                let keep = table.len() * 2;
-                table.shrink_to(keep);
-            }
-            self.len.fetch_sub(gone as u64, Ordering::Relaxed);
-            removed += gone as u64;
+            let gone = Self::purge_shard(&mut locked(shard), now);
+            self.len.fetch_sub(gone, Ordering::Relaxed);
+            removed += gone;
+            // One shard at a time: at a million tokens a whole pass takes milliseconds, which
+            // requests on this worker should not wait for in one piece.
+            tokio::task::yield_now().await;
         }
         Ok(removed)
     }
@@ -420,6 +427,7 @@ impl TokenStore for MemoryStore {
         let mut live = 0;
         for shard in self.shards.iter() {
             live += locked(shard).values().filter(|e| e.is_live(now)).count() as u64;
+            tokio::task::yield_now().await;
         }
         Ok(live)
     }
@@ -517,6 +525,35 @@ mod tests {
         for n in [1, 4, 5, 6] {
             assert!(store.read(&in_shard_zero(n), |_| ()).is_some(), "{n} kept");
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn store_wide_passes_let_other_tasks_run_between_shards() {
+        let store = MemoryStore::new(100_000);
+        let now = crate::now();
+        for _ in 0..1000 {
+            pair(&store, now, 60);
+        }
+        let turns = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = tokio::spawn({
+            let (turns, done) = (turns.clone(), done.clone());
+            async move {
+                while !done.load(Ordering::Relaxed) {
+                    turns.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        assert_eq!(store.count_live(now).await.expect("count"), 2000);
+        let during_count = turns.load(Ordering::Relaxed);
+        assert_eq!(store.purge_expired(now + 61).await.expect("purge"), 1000);
+        let during_purge = turns.load(Ordering::Relaxed) - during_count;
+        done.store(true, Ordering::Relaxed);
+        other.await.expect("task");
+        // One turn per shard, give or take the first and the last.
+        assert!(during_count >= SHARDS as u64 / 2, "{during_count}");
+        assert!(during_purge >= SHARDS as u64 / 2, "{during_purge}");
     }
 
     #[test]
