@@ -12,10 +12,11 @@
 //! tombstones every `purge_interval_secs` (one pass over the shards, one shard locked at a
 //! time, yielding to the runtime between shards so that requests are not held up by a pass).
 //!
-//! Bound: at `max_tokens` entries a write first evicts one entry, so a new token is always
-//! admitted (refusing it would hand the client a dead token). The victim is the entry with the
-//! earliest expiry among a sample of [`EVICTION_SAMPLE`] entries of the written shard; consumed
-//! and revoked entries go before live ones. Evictions are counted.
+//! Bound: at `max_tokens` entries a write first evicts, so a new token is always admitted
+//! (refusing it would hand the client a dead token). Consumed and revoked entries go first,
+//! then the oldest issues: a write that finds the store full evicts the lowest-ranked
+//! 1/[`EVICTION_BATCH`] of the shard it writes to. Shards fill evenly (the keys are digests), so
+//! this is close to evicting the oldest entries of the whole store. Evictions are counted.
 //!
 //! Every change to an existing entry (consume, revoke) happens under the lock of the token's
 //! family, taken from a small set of striped mutexes. That makes rotation atomic (of N
@@ -36,8 +37,9 @@ use crate::*;
 const SHARDS: usize = 64;
 /// Family lock stripes.
 const LOCK_STRIPES: usize = 64;
-/// Entries looked at to choose one victim when the store is full.
-const EVICTION_SAMPLE: usize = 8;
+/// When the store is full, a write evicts 1/EVICTION_BATCH of the shard it writes to (or just
+/// what it needs, if more).
+const EVICTION_BATCH: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -108,12 +110,15 @@ impl Entry {
 
     /// Eviction order, lowest first: spent entries (consumed, revoked) before live ones, then
     /// the oldest issue, then the earliest expiry.
-    fn eviction_rank(&self) -> (bool, UnixTime, UnixTime) {
+    fn eviction_rank(&self) -> Rank {
         (self.state == State::Live, self.issued_at, self.expires_at)
     }
 }
 
 type Table = HashMap<Digest, Entry, DigestBuildHasher>;
+
+/// See [`Entry::eviction_rank`].
+type Rank = (bool, UnixTime, UnixTime);
 
 /// The shard of a digest: bytes 8..16, independent of the bytes 0..8 that [`DigestHasher`]
 /// hands the table, so that every shard's buckets fill evenly.
@@ -189,13 +194,25 @@ impl MemoryStore {
         self.shard(digest).get_mut(digest).map(f)
     }
 
-    /// Makes room for new entries under these digests (all of them before any is written, so
-    /// that the eviction for the second cannot pick the first).
+    /// Makes room for new entries under these digests, all of them before any is written (so
+    /// that an eviction cannot pick the first of a pair). Each new entry makes room in its own
+    /// shard, which keeps the shards even; a store far smaller than its shard count may have to
+    /// look further.
     fn make_room(&self, digests: &[Digest]) {
         let wanted = self.len.load(Ordering::Relaxed) + digests.len() as u64;
-        let over = wanted.saturating_sub(self.max_tokens) as usize;
-        for digest in digests.iter().take(over) {
-            self.evict_one(shard_of(digest));
+        let mut over = wanted.saturating_sub(self.max_tokens);
+        for digest in digests {
+            if over == 0 {
+                return;
+            }
+            over = over.saturating_sub(self.evict_batch(shard_of(digest), 1));
+        }
+        let start = digests.first().map_or(0, shard_of);
+        for i in 0..SHARDS {
+            if over == 0 {
+                return;
+            }
+            over = over.saturating_sub(self.evict_batch((start + i) % SHARDS, over));
         }
     }
 
@@ -208,23 +225,36 @@ impl MemoryStore {
         }
     }
 
-    /// Evicts one entry, from the shard about to be written when it has any (a store far
-    /// smaller than its shard count may have to look further). One shard is locked at a time.
-    fn evict_one(&self, start: usize) {
-        for i in 0..SHARDS {
-            let mut table = locked(&self.shards[(start + i) % SHARDS]);
-            let victim = table
-                .iter()
-                .take(EVICTION_SAMPLE)
-                .min_by_key(|(_, e)| e.eviction_rank())
-                .map(|(d, _)| *d);
-            if let Some(d) = victim {
-                table.remove(&d);
-                self.len.fetch_sub(1, Ordering::Relaxed);
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+    /// Evicts the lowest-ranked entries of one shard (see [`Entry::eviction_rank`]): at least
+    /// `at_least` of them (as many as it holds), and a batch of 1/[`EVICTION_BATCH`] of the
+    /// shard, so that the pass over the shard that finds them is paid once per batch and not
+    /// once per write. Returns how many went.
+    fn evict_batch(&self, shard: usize, at_least: u64) -> u64 {
+        let mut table = locked(&self.shards[shard]);
+        let n = (table.len() / EVICTION_BATCH)
+            .max(at_least as usize)
+            .min(table.len());
+        if n == 0 {
+            return 0;
         }
+        let mut ranks: Vec<Rank> = table.values().map(Entry::eviction_rank).collect();
+        let cutoff = *ranks.select_nth_unstable(n - 1).1;
+        // Everything ranked below the cutoff goes, then as many at the cutoff as make n.
+        let mut at_cutoff = n - ranks.iter().filter(|&&r| r < cutoff).count();
+        table.retain(|_, e| {
+            let r = e.eviction_rank();
+            if r < cutoff {
+                false
+            } else if r == cutoff && at_cutoff > 0 {
+                at_cutoff -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.len.fetch_sub(n as u64, Ordering::Relaxed);
+        self.evictions.fetch_add(n as u64, Ordering::Relaxed);
+        n as u64
     }
 
     fn write_issue(&self, issue: &Issue, family: FamilyId, generation: u32) {
@@ -525,6 +555,38 @@ mod tests {
         for n in [1, 4, 5, 6] {
             assert!(store.read(&in_shard_zero(n), |_| ()).is_some(), "{n} kept");
         }
+    }
+
+    #[test]
+    fn a_full_store_keeps_the_newest_tokens() {
+        // 20,000 pairs through a store bounded at 10,000 entries, one second apart: what
+        // survives is the newest part, whatever shard each token hashed to.
+        let store = MemoryStore::new(10_000);
+        let now = crate::now();
+        let pairs: Vec<(Digest, Digest)> = (0..20_000)
+            .map(|i| {
+                let (issue, _) =
+                    testing::new_issue(testing::grant(testing::CLIENT), now + i, 3600, 7200);
+                store.write_issue(&issue, issue.family, 0);
+                (issue.access.digest, issue.refresh.expect("refresh").digest)
+            })
+            .collect();
+        assert!(store.entry_count() <= 10_000);
+        assert_eq!(store.evictions(), 40_000 - store.entry_count());
+        let held = |d: &Digest| store.read(d, |_| ()).is_some();
+        let newest_kept = pairs[19_000..]
+            .iter()
+            .filter(|(a, r)| held(a) && held(r))
+            .count();
+        let oldest_kept = pairs[..10_000]
+            .iter()
+            .filter(|(a, r)| held(a) || held(r))
+            .count();
+        assert_eq!(
+            newest_kept, 1000,
+            "every one of the newest 1,000 pairs is kept"
+        );
+        assert_eq!(oldest_kept, 0, "none of the oldest 10,000 pairs is kept");
     }
 
     #[tokio::test(flavor = "current_thread")]
