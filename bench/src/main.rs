@@ -42,7 +42,7 @@ usage:
   bench loadgen --addr ADDR [--conns N] [--threads N] [--warmup SECS] [--secs SECS]
                 (--path PATH | --client-id ID --secret SECRET)
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
-  bench mem-tokens --kind memory|hashmap [--pairs N]
+  bench mem-tokens --kind memory|hashmap|moka [--pairs N]
 
 cases: ceiling chain chain-metrics-off refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
        refresh-postgres (PostgreSQL: TEST_DATABASE_URL, default

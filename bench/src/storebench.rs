@@ -4,8 +4,9 @@
 //!   `TokenStore::rotate` with a decision that mints a successor pair, as the filter's does),
 //!   `tasks` chains at once on a runtime with the same worker count as the gateway. This is the
 //!   denominator of the `refresh-sqlite >= 0.75x` target.
-//! - `memory_per_token`: RSS delta per entry for N entries in the `MemoryStore`, or in a
-//!   plain `std::collections::HashMap<[u8; 32], _>` holding the same fields (the baseline).
+//! - `memory_per_token`: RSS delta per entry for N entries in the `MemoryStore`, in a plain
+//!   `std::collections::HashMap<[u8; 32], _>` holding the same fields (the baseline), or in a
+//!   moka cache at its leanest (no expiry, no listener, no bound; the floor of a moka store).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -155,6 +156,7 @@ pub async fn rotate_loop(
 
 /// The memory store's entry, field for field, in a plain HashMap: the baseline.
 #[allow(dead_code)] // held only for its size
+#[derive(Clone)]
 struct BaselineEntry {
     grant: Arc<Grant>,
     tomb: Option<Arc<()>>,
@@ -164,6 +166,21 @@ struct BaselineEntry {
     generation: u32,
     kind: u8,
     state: u8,
+}
+
+/// The two entries of one issue (access, refresh), as the baselines hold them.
+fn baseline_pair(g: &Arc<Grant>, now: i64) -> [BaselineEntry; 2] {
+    let family = FamilyId::random().0;
+    [now + 3600, now + 43200].map(|expires_at| BaselineEntry {
+        grant: g.clone(),
+        tomb: None,
+        family: [(family >> 64) as u64, family as u64],
+        issued_at: now,
+        expires_at,
+        generation: 0,
+        kind: 0,
+        state: 0,
+    })
 }
 
 /// Memory per entry after writing `pairs` access+refresh pairs (2 entries each, one shared
@@ -190,21 +207,8 @@ pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, 
             let mut map: HashMap<[u8; 32], BaselineEntry> = HashMap::new();
             for _ in 0..pairs {
                 let g = grant(&client);
-                let family = FamilyId::random().0;
-                for expires_at in [now + 3600, now + 43200] {
-                    map.insert(
-                        rand::random(),
-                        BaselineEntry {
-                            grant: g.clone(),
-                            tomb: None,
-                            family: [(family >> 64) as u64, family as u64],
-                            issued_at: now,
-                            expires_at,
-                            generation: 0,
-                            kind: 0,
-                            state: 0,
-                        },
-                    );
+                for entry in baseline_pair(&g, now) {
+                    map.insert(rand::random(), entry);
                 }
             }
             let entries = map.len() as u64;
@@ -212,7 +216,22 @@ pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, 
             drop(map);
             (entries, after.saturating_sub(before) * 1024)
         }
-        other => anyhow::bail!("unknown memory kind {other:?} (memory | hashmap)"),
+        "moka" => {
+            let cache: moka::sync::Cache<Digest, BaselineEntry, store::DigestBuildHasher> =
+                moka::sync::Cache::builder().build_with_hasher(Default::default());
+            for _ in 0..pairs {
+                let g = grant(&client);
+                for entry in baseline_pair(&g, now) {
+                    cache.insert(Digest(rand::random()), entry);
+                }
+            }
+            cache.run_pending_tasks();
+            let entries = cache.entry_count();
+            let after = procfs::status_kb("self", "VmRSS").unwrap_or(0);
+            drop(cache);
+            (entries, after.saturating_sub(before) * 1024)
+        }
+        other => anyhow::bail!("unknown memory kind {other:?} (memory | hashmap | moka)"),
     };
     Ok(measured)
 }
