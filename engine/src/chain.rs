@@ -14,7 +14,8 @@ pub const FAILURE_REASON: &str = "failure.reason";
 pub struct Finished {
     pub response: Response,
     pub outcome: Outcome,
-    /// Indices of the nodes visited, in order (for the request's log line).
+    /// Indices of the nodes visited, in order (for the request's log line; empty when info
+    /// logging is off).
     pub trail: Vec<u16>,
 }
 
@@ -86,7 +87,9 @@ impl Contexts {
 }
 
 async fn walk(policy: &Policy, ex: &mut Exchange, contexts: &mut Contexts) -> Finished {
-    let mut trail = Vec::with_capacity(policy.nodes.len());
+    // The trail only feeds the request's log line: no allocation when that line is off.
+    let keep_trail = tracing::enabled!(tracing::Level::INFO);
+    let mut trail = Vec::with_capacity(if keep_trail { policy.nodes.len() } else { 0 });
     let mut at = if policy.nodes.is_empty() {
         None
     } else {
@@ -102,8 +105,13 @@ async fn walk(policy: &Policy, ex: &mut Exchange, contexts: &mut Contexts) -> Fi
     let mut mark = timed.then(Instant::now);
     while let Some(i) = at {
         let node = &policy.nodes[i];
-        trail.push(i as u16);
-        let flow = node.filter.on_request(ex).await;
+        if keep_trail {
+            trail.push(i as u16);
+        }
+        let flow = match node.filter.on_request_now(ex) {
+            Some(flow) => flow,
+            None => node.filter.on_request(ex).await,
+        };
         let elapsed = match &mut mark {
             Some(mark) => {
                 let now = Instant::now();

@@ -117,6 +117,13 @@ impl FilterError {
 pub trait Filter: Send + Sync + 'static {
     async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError>;
 
+    /// The same decision without a future, for kinds that never wait (see [`SyncFilter`]).
+    /// The engine asks this first and awaits [`Filter::on_request`] only on `None`, so a
+    /// synchronous node costs no boxed future per request.
+    fn on_request_now(&self, _ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
+        None
+    }
+
     /// The filter's own "Monitoring settings", for kinds that have them (the OAuth filters).
     /// The engine reads them once at build time: a disabled filter records nothing, the
     /// client attribute labels its service context, and a composite context wraps the
@@ -127,6 +134,23 @@ pub trait Filter: Send + Sync + 'static {
 }
 
 pub type SharedFilter = Arc<dyn Filter>;
+
+/// A filter that never waits (compare, set, respond): one function gives it both entry points
+/// of [`Filter`].
+pub trait SyncFilter: Send + Sync + 'static {
+    fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError>;
+}
+
+#[async_trait]
+impl<T: SyncFilter> Filter for T {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        self.run(ex)
+    }
+
+    fn on_request_now(&self, ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
+        Some(self.run(ex))
+    }
+}
 
 /// A JSON response with the given status.
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {

@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use http::StatusCode;
 use regex::Regex;
 use serde::Deserialize;
 
 use crate::registry::{BuildContext, BuildError, parse};
-use crate::{Exchange, Failure, Filter, FilterError, Flow, SharedFilter, json_response};
+use crate::{Exchange, Failure, FilterError, Flow, SharedFilter, SyncFilter, json_response};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,9 +79,8 @@ impl CompareAttribute {
     }
 }
 
-#[async_trait]
-impl Filter for CompareAttribute {
-    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+impl SyncFilter for CompareAttribute {
+    fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
         let ok = match ex.get(&self.attribute) {
             None => false,
             Some(v) => match &self.test {

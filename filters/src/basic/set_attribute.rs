@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::template::Template;
-use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
+use crate::{Exchange, FilterError, Flow, SharedFilter, SyncFilter};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,9 +41,8 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
     }))
 }
 
-#[async_trait]
-impl Filter for SetAttribute {
-    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+impl SyncFilter for SetAttribute {
+    fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
         let v = self.value.render(ex);
         ex.set(self.attribute.clone(), v);
         Ok(Flow::Pass)

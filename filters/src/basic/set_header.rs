@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::template::Template;
-use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
+use crate::{Exchange, FilterError, Flow, SharedFilter, SyncFilter};
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -68,9 +67,8 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
     }))
 }
 
-#[async_trait]
-impl Filter for SetHeader {
-    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+impl SyncFilter for SetHeader {
+    fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
         let value = match &self.constant {
             Some(v) => v.clone(),
             None => match HeaderValue::from_str(&self.value.render(ex)) {

@@ -3,14 +3,13 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde::Deserialize;
 
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::template::Template;
-use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
+use crate::{Exchange, FilterError, Flow, SharedFilter, SyncFilter};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,9 +91,8 @@ fn headers_as_pairs(mut value: serde_yaml::Value) -> serde_yaml::Value {
     value
 }
 
-#[async_trait]
-impl Filter for SetResponse {
-    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+impl SyncFilter for SetResponse {
+    fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
         let body = match &self.constant_body {
             Some(b) => b.clone(),
             None => Bytes::from(self.body.render(ex)),
