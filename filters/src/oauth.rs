@@ -121,9 +121,7 @@ pub fn join_scope<'a>(set: impl IntoIterator<Item = &'a str>) -> String {
 }
 
 /// The RFC 6749 §5.1 success response. Written directly rather than through a JSON value
-/// tree: this is the token endpoint's hot path. The tokens are the gateway's own (alphanumeric,
-/// see [`generate_token`]) and go in as they are; the token type and the scope come from
-/// configuration and requests and go through serde_json's string escaping.
+/// tree: this is the token endpoint's hot path.
 pub fn token_response(
     access_token: &str,
     token_type: &str,
@@ -132,27 +130,32 @@ pub fn token_response(
     scope: &str,
 ) -> Response {
     use std::io::Write as _;
-    debug_assert!(access_token.bytes().all(|b| b.is_ascii_alphanumeric()));
     let mut body = Vec::with_capacity(160 + access_token.len() + scope.len());
-    let quoted = |body: &mut Vec<u8>, s: &str| {
-        // Writing a &str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *body, s);
+    // The gateway's own tokens are alphanumeric and go in as they are; anything else (and the
+    // token type and scope, which come from configuration and requests) is escaped.
+    let string = |body: &mut Vec<u8>, s: &str| {
+        if s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            body.push(b'"');
+            body.extend_from_slice(s.as_bytes());
+            body.push(b'"');
+        } else {
+            // Writing a &str into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *body, s);
+        }
     };
-    body.extend_from_slice(b"{\"access_token\":\"");
-    body.extend_from_slice(access_token.as_bytes());
-    body.extend_from_slice(b"\",\"token_type\":");
-    quoted(&mut body, token_type);
+    body.extend_from_slice(b"{\"access_token\":");
+    string(&mut body, access_token);
+    body.extend_from_slice(b",\"token_type\":");
+    string(&mut body, token_type);
     body.extend_from_slice(b",\"expires_in\":");
     let _ = write!(body, "{expires_in}");
     if let Some(rt) = refresh_token {
-        debug_assert!(rt.bytes().all(|b| b.is_ascii_alphanumeric()));
-        body.extend_from_slice(b",\"refresh_token\":\"");
-        body.extend_from_slice(rt.as_bytes());
-        body.push(b'"');
+        body.extend_from_slice(b",\"refresh_token\":");
+        string(&mut body, rt);
     }
     if !scope.is_empty() {
         body.extend_from_slice(b",\"scope\":");
-        quoted(&mut body, scope);
+        string(&mut body, scope);
     }
     body.push(b'}');
     token_response_from_body(Bytes::from(body))
@@ -323,12 +326,12 @@ mod tests {
 
     #[test]
     fn token_responses_are_valid_json_with_escaping() {
-        let r = token_response("abc", "Bearer", 3600, Some("def"), "read \"x\"");
+        let r = token_response("abc", "Bearer", 3600, Some("d\"e\\f"), "read \"x\"");
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
         assert_eq!(v["access_token"], "abc");
         assert_eq!(v["token_type"], "Bearer");
         assert_eq!(v["expires_in"], 3600);
-        assert_eq!(v["refresh_token"], "def");
+        assert_eq!(v["refresh_token"], "d\"e\\f");
         assert_eq!(v["scope"], "read \"x\"");
         let r = token_response("abc", "Bearer", 1, None, "");
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();

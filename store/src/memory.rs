@@ -13,10 +13,11 @@
 //! time, yielding to the runtime between shards so that requests are not held up by a pass).
 //!
 //! Bound: at `max_tokens` entries a write first evicts, so a new token is always admitted
-//! (refusing it would hand the client a dead token). Consumed and revoked entries go first,
-//! then the oldest issues: a write that finds the store full evicts the lowest-ranked
-//! 1/[`EVICTION_BATCH`] of the shard it writes to. Shards fill evenly (the keys are digests), so
-//! this is close to evicting the oldest entries of the whole store. Evictions are counted.
+//! (refusing it would hand the client a dead token). Revoked and expired entries go first,
+//! then the oldest issues (tombstones age with live tokens, since they are what detects a
+//! replay): a write that finds the store full evicts the lowest-ranked 1/[`EVICTION_BATCH`] of
+//! the shard it writes to. Shards fill evenly (the keys are digests), so this is close to
+//! evicting the oldest entries of the whole store. Evictions are counted.
 //!
 //! Every change to an existing entry (consume, revoke) happens under the lock of the token's
 //! family, taken from a small set of striped mutexes. That makes rotation atomic (of N
@@ -108,10 +109,13 @@ impl Entry {
         self.state == State::Live && self.expires_at > now
     }
 
-    /// Eviction order, lowest first: spent entries (consumed, revoked) before live ones, then
-    /// the oldest issue, then the earliest expiry.
-    fn eviction_rank(&self) -> Rank {
-        (self.state == State::Live, self.issued_at, self.expires_at)
+    /// Eviction order, lowest first: dead entries (revoked, or expired and not yet purged)
+    /// before the rest, then the oldest issue, then the earliest expiry. Tombstones of consumed
+    /// refresh tokens age with the live entries: they are what detects a replayed token, so a
+    /// full store must not drop them before anything else.
+    fn eviction_rank(&self, now: UnixTime) -> Rank {
+        let dead = self.state == State::Revoked || self.expires_at <= now;
+        (!dead, self.issued_at, self.expires_at)
     }
 }
 
@@ -156,8 +160,9 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store holding at most `max_tokens` entries (access and refresh tokens together,
-    /// tombstones included); past that, each write evicts one entry first.
+    /// A store holding about `max_tokens` entries (access and refresh tokens together,
+    /// tombstones included); a write that finds it full evicts a batch first. The bound is
+    /// checked without a lock: concurrent writers may pass it by one entry each.
     pub fn new(max_tokens: u64) -> Self {
         MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
@@ -199,28 +204,32 @@ impl MemoryStore {
     /// shard, which keeps the shards even; a store far smaller than its shard count may have to
     /// look further.
     fn make_room(&self, digests: &[Digest]) {
-        let wanted = self.len.load(Ordering::Relaxed) + digests.len() as u64;
+        let wanted = (self.len.load(Ordering::Relaxed)).saturating_add(digests.len() as u64);
         let mut over = wanted.saturating_sub(self.max_tokens);
+        if over == 0 {
+            return;
+        }
+        let now = crate::now();
         for digest in digests {
             if over == 0 {
                 return;
             }
-            over = over.saturating_sub(self.evict_batch(shard_of(digest), 1));
+            over = over.saturating_sub(self.evict_batch(shard_of(digest), 1, now));
         }
         let start = digests.first().map_or(0, shard_of);
         for i in 0..SHARDS {
             if over == 0 {
                 return;
             }
-            over = over.saturating_sub(self.evict_batch((start + i) % SHARDS, over));
+            over = over.saturating_sub(self.evict_batch((start + i) % SHARDS, over, now));
         }
     }
 
     fn put(&self, digest: Digest, entry: Entry) {
-        if locked(&self.shards[shard_of(&digest)])
-            .insert(digest, entry)
-            .is_none()
-        {
+        let mut table = locked(&self.shards[shard_of(&digest)]);
+        if table.insert(digest, entry).is_none() {
+            // Counted under the shard's lock, so that no eviction or purge can take the entry
+            // (and count it out) before it is counted in.
             self.len.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -229,7 +238,7 @@ impl MemoryStore {
     /// `at_least` of them (as many as it holds), and a batch of 1/[`EVICTION_BATCH`] of the
     /// shard, so that the pass over the shard that finds them is paid once per batch and not
     /// once per write. Returns how many went.
-    fn evict_batch(&self, shard: usize, at_least: u64) -> u64 {
+    fn evict_batch(&self, shard: usize, at_least: u64, now: UnixTime) -> u64 {
         let mut table = locked(&self.shards[shard]);
         let n = (table.len() / EVICTION_BATCH)
             .max(at_least as usize)
@@ -237,12 +246,12 @@ impl MemoryStore {
         if n == 0 {
             return 0;
         }
-        let mut ranks: Vec<Rank> = table.values().map(Entry::eviction_rank).collect();
+        let mut ranks: Vec<Rank> = table.values().map(|e| e.eviction_rank(now)).collect();
         let cutoff = *ranks.select_nth_unstable(n - 1).1;
         // Everything ranked below the cutoff goes, then as many at the cutoff as make n.
         let mut at_cutoff = n - ranks.iter().filter(|&&r| r < cutoff).count();
         table.retain(|_, e| {
-            let r = e.eviction_rank();
+            let r = e.eviction_rank(now);
             if r < cutoff {
                 false
             } else if r == cutoff && at_cutoff > 0 {
@@ -534,27 +543,32 @@ mod tests {
     }
 
     #[test]
-    fn eviction_prefers_spent_then_oldest_then_soonest_expiring_entries() {
-        let store = MemoryStore::new(4);
-        for (n, issued_at, expires_at) in [(1, 10, 500), (2, 10, 100), (3, 20, 900), (4, 30, 90)] {
-            write(&store, n, live(issued_at, expires_at));
+    fn eviction_takes_dead_entries_then_the_oldest_and_keeps_newer_tombstones() {
+        let store = MemoryStore::new(5);
+        let now = crate::now();
+        let held = |n: u8| store.read(&in_shard_zero(n), |_| ()).is_some();
+        for (n, issued, expires) in [(1, 10, 500), (2, 10, 100), (3, 20, 900), (4, 30, -1)] {
+            write(&store, n, live(now + issued, now + expires));
         }
-        store.update(&in_shard_zero(3), |e| e.state = State::Consumed);
-        write(&store, 5, live(40, 1000));
+        // 3 revoked and 4 expired (not yet purged) are dead; 5, a consumed refresh token
+        // issued after 1 and 2, is the tombstone that detects its replay.
+        store.update(&in_shard_zero(3), |e| e.state = State::Revoked);
+        write(&store, 5, live(now + 50, now + 900));
+        store.update(&in_shard_zero(5), |e| e.state = State::Consumed);
+        write(&store, 6, live(now + 40, now + 1000));
+        assert!(!held(3), "the revoked entry goes first");
+        write(&store, 7, live(now + 40, now + 1000));
+        assert!(!held(4), "then the expired one");
+        write(&store, 8, live(now + 60, now + 1000));
         assert!(
-            store.read(&in_shard_zero(3), |_| ()).is_none(),
-            "spent first"
+            !held(2),
+            "then the oldest issue, the soonest expiring of those"
         );
-        write(&store, 6, live(40, 1000));
-        assert!(
-            store.read(&in_shard_zero(2), |_| ()).is_none(),
-            "then the oldest, the soonest expiring of those"
-        );
-        assert_eq!(store.entry_count(), 4);
-        assert_eq!(store.evictions(), 2);
-        for n in [1, 4, 5, 6] {
-            assert!(store.read(&in_shard_zero(n), |_| ()).is_some(), "{n} kept");
-        }
+        write(&store, 9, live(now + 60, now + 1000));
+        assert!(!held(1), "then the next oldest");
+        assert!(held(5), "a tombstone newer than live entries stays");
+        assert_eq!(store.entry_count(), 5);
+        assert_eq!(store.evictions(), 4);
     }
 
     #[test]

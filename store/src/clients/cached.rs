@@ -8,11 +8,16 @@
 //! Errors are not cached: the next request asks the database again.
 //!
 //! Changes made through this registry (the `gateway clients` commands, when they run against
-//! the same process) drop the cached entry at once; changes made elsewhere (another replica,
-//! another process) are seen within the TTL, as the file registry sees its file's changes
-//! within a second.
+//! the same process) are seen by every lookup that starts after them: a write moves the cache to
+//! a new generation, part of every key, so neither a cached row nor a query that was already
+//! under way when the write committed can answer a later lookup. Changes made elsewhere (another
+//! replica, another process) are seen within the TTL, as the file registry sees its file's
+//! changes within a second.
+//!
+//! The cache is bounded in bytes, not entries: client ids come from requests and can be long.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,14 +28,18 @@ use crate::Digest;
 
 pub struct CachedRegistry {
     inner: SharedRegistry,
-    cache: Cache<String, Option<Arc<ClientApplication>>>,
+    /// Keyed by (generation, client id); see the module documentation.
+    cache: Cache<(u64, String), Option<Arc<ClientApplication>>>,
+    generation: AtomicU64,
 }
 
 impl CachedRegistry {
     /// How long a lookup is reused.
     pub const TTL: Duration = Duration::from_secs(1);
-    /// Client ids held at most.
-    pub const CAPACITY: u64 = 10_000;
+    /// Bytes held at most, counting each entry as its id plus [`Self::ENTRY_BYTES`].
+    pub const CAPACITY_BYTES: u64 = 4 << 20;
+    /// What an entry costs besides its id, roughly (the row and moka's bookkeeping).
+    pub const ENTRY_BYTES: u32 = 512;
 
     pub fn new(inner: SharedRegistry) -> Self {
         Self::with_ttl(inner, Self::TTL)
@@ -40,18 +49,33 @@ impl CachedRegistry {
         CachedRegistry {
             inner,
             cache: Cache::builder()
-                .max_capacity(Self::CAPACITY)
+                .max_capacity(Self::CAPACITY_BYTES)
+                .weigher(|(_, id): &(u64, String), _| {
+                    u32::try_from(id.len())
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(Self::ENTRY_BYTES)
+                })
                 .time_to_live(ttl)
                 .build(),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// After a write through this registry: later lookups use fresh keys.
+    fn moved_on(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
 #[async_trait]
 impl ClientRegistry for CachedRegistry {
     async fn get(&self, client_id: &str) -> Result<Option<Arc<ClientApplication>>, RegistryError> {
+        let key = (
+            self.generation.load(Ordering::Acquire),
+            client_id.to_owned(),
+        );
         self.cache
-            .try_get_with_by_ref(client_id, self.inner.get(client_id))
+            .try_get_with(key, self.inner.get(client_id))
             .await
             .map_err(|e| (*e).clone())
     }
@@ -61,21 +85,20 @@ impl ClientRegistry for CachedRegistry {
     }
 
     async fn add(&self, app: ClientApplication) -> Result<(), RegistryError> {
-        let id = app.client_id.clone();
         let r = self.inner.add(app).await;
-        self.cache.invalidate(&id).await;
+        self.moved_on();
         r
     }
 
     async fn set_enabled(&self, client_id: &str, enabled: bool) -> Result<(), RegistryError> {
         let r = self.inner.set_enabled(client_id, enabled).await;
-        self.cache.invalidate(client_id).await;
+        self.moved_on();
         r
     }
 
     async fn set_secret(&self, client_id: &str, digest: Digest) -> Result<(), RegistryError> {
         let r = self.inner.set_secret(client_id, digest).await;
-        self.cache.invalidate(client_id).await;
+        self.moved_on();
         r
     }
 }
@@ -98,12 +121,14 @@ mod tests {
     impl ClientRegistry for Counted {
         async fn get(&self, id: &str) -> Result<Option<Arc<ClientApplication>>, RegistryError> {
             self.gets.fetch_add(1, Ordering::SeqCst);
-            // Long enough for concurrent callers to pile up behind the first.
+            // The row is read first and answered late, as by a query: long enough for
+            // concurrent callers to pile up behind it, and for a write to commit meanwhile.
+            let row = self.inner.get(id).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
             if self.down.load(Ordering::SeqCst) {
                 return Err(RegistryError::Unavailable("down".into()));
             }
-            self.inner.get(id).await
+            row
         }
         async fn list(&self) -> Result<Vec<ClientApplication>, RegistryError> {
             self.inner.list().await
@@ -193,6 +218,39 @@ mod tests {
         );
         cached.add(app("b")).await.expect("add");
         assert!(cached.get("b").await.expect("lookup").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_lookup_after_a_local_write_never_gets_an_older_answer() {
+        let counted = Arc::new(Counted {
+            inner: FileRegistry::in_memory(),
+            gets: AtomicUsize::new(0),
+            down: Default::default(),
+        });
+        counted.inner.add(app("a")).await.expect("add");
+        let cached = Arc::new(CachedRegistry::new(counted.clone()));
+        // A lookup reads the row (enabled) and is still under way when the client is disabled.
+        let early = tokio::spawn({
+            let c = cached.clone();
+            async move { c.get("a").await }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        cached.set_enabled("a", false).await.expect("disable");
+        let later = cached.get("a").await.expect("lookup").expect("known");
+        assert!(
+            !later.enabled,
+            "a lookup that starts after the write sees it"
+        );
+        let early = early.await.expect("task").expect("lookup").expect("known");
+        assert!(early.enabled, "the lookup under way answered what it read");
+        assert!(
+            !cached
+                .get("a")
+                .await
+                .expect("lookup")
+                .expect("known")
+                .enabled
+        );
     }
 
     #[tokio::test]
