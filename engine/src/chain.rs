@@ -95,14 +95,9 @@ async fn walk(policy: &Policy, ex: &mut Exchange, contexts: &mut Contexts) -> Fi
     } else {
         Some(0)
     };
-    // Node times are read only when some node records them (node metrics or a node-level
-    // service context), and one clock read serves as the end of a node and the start of the
-    // next.
-    let timed = policy
-        .nodes
-        .iter()
-        .any(|n| n.metrics.is_some() || n.context.is_some());
-    let mut mark = timed.then(Instant::now);
+    // One clock read serves as the end of a node and the start of the next; none when no node
+    // records its time.
+    let mut mark = policy.times_nodes.then(Instant::now);
     while let Some(i) = at {
         let node = &policy.nodes[i];
         if keep_trail {

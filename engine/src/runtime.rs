@@ -51,6 +51,9 @@ pub struct Policy {
     /// filter whose `composite_context` is true).
     pub composite: Option<CompositeMetrics>,
     pub nodes: Vec<Node>,
+    /// Whether any node records its time (node metrics or a node-level service context): the
+    /// chain reads the clock between nodes only then.
+    pub times_nodes: bool,
 }
 
 /// A store with its background tasks. Shared by every runtime that uses it; the tasks stop
@@ -232,6 +235,9 @@ pub async fn build(
             client_attribute: p.monitoring.client_attribute.as_str().into(),
             contexts,
             composite: if policy_on { composite } else { None },
+            times_nodes: nodes
+                .iter()
+                .any(|n| n.metrics.is_some() || n.context.is_some()),
             nodes,
         });
     }
