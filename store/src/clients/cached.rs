@@ -156,14 +156,25 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn lookups_are_shared_expire_and_follow_local_writes() {
+    /// A counted registry holding one enabled client, `a`.
+    async fn with_client_a() -> Arc<Counted> {
         let counted = Arc::new(Counted {
             inner: FileRegistry::in_memory(),
             gets: AtomicUsize::new(0),
             down: Default::default(),
         });
         counted.inner.add(app("a")).await.expect("add");
+        counted
+    }
+
+    /// Whether `id` is enabled, as the cache answers (`None`: unknown).
+    async fn enabled(cached: &CachedRegistry, id: &str) -> Option<bool> {
+        cached.get(id).await.expect("lookup").map(|a| a.enabled)
+    }
+
+    #[tokio::test]
+    async fn lookups_are_shared_expire_and_follow_local_writes() {
+        let counted = with_client_a().await;
         let cached = Arc::new(CachedRegistry::with_ttl(
             counted.clone(),
             Duration::from_millis(300),
@@ -191,43 +202,20 @@ mod tests {
             .set_enabled("a", false)
             .await
             .expect("disable");
-        assert!(
-            cached
-                .get("a")
-                .await
-                .expect("lookup")
-                .is_some_and(|a| a.enabled)
-        );
+        assert_eq!(enabled(&cached, "a").await, Some(true));
         tokio::time::sleep(Duration::from_millis(350)).await;
-        assert!(
-            cached
-                .get("a")
-                .await
-                .expect("lookup")
-                .is_some_and(|a| !a.enabled)
-        );
+        assert_eq!(enabled(&cached, "a").await, Some(false));
 
         // A change through the cache is seen at once.
         cached.set_enabled("a", true).await.expect("enable");
-        assert!(
-            cached
-                .get("a")
-                .await
-                .expect("lookup")
-                .is_some_and(|a| a.enabled)
-        );
+        assert_eq!(enabled(&cached, "a").await, Some(true));
         cached.add(app("b")).await.expect("add");
         assert!(cached.get("b").await.expect("lookup").is_some());
     }
 
     #[tokio::test]
     async fn a_lookup_after_a_local_write_never_gets_an_older_answer() {
-        let counted = Arc::new(Counted {
-            inner: FileRegistry::in_memory(),
-            gets: AtomicUsize::new(0),
-            down: Default::default(),
-        });
-        counted.inner.add(app("a")).await.expect("add");
+        let counted = with_client_a().await;
         let cached = Arc::new(CachedRegistry::new(counted.clone()));
         // A lookup reads the row (enabled) and is still under way when the client is disabled.
         let early = tokio::spawn({
@@ -255,12 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_not_cached() {
-        let counted = Arc::new(Counted {
-            inner: FileRegistry::in_memory(),
-            gets: AtomicUsize::new(0),
-            down: Default::default(),
-        });
-        counted.inner.add(app("a")).await.expect("add");
+        let counted = with_client_a().await;
         let cached = CachedRegistry::new(counted.clone());
         counted.down.store(true, Ordering::SeqCst);
         assert!(matches!(
