@@ -19,6 +19,7 @@
 pub mod chain;
 pub mod clients;
 pub mod config;
+pub mod conn;
 pub mod runtime;
 pub mod server;
 

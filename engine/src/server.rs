@@ -13,8 +13,7 @@ use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioIo;
 use monitoring::Outcome;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -22,6 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::State;
 use crate::chain;
 use crate::config::Limits;
+use crate::conn;
 use crate::runtime::RouteMatch;
 
 pub type Body = Full<Bytes>;
@@ -58,15 +58,15 @@ pub async fn serve<S, F>(
     S: Fn(Arc<State>, Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = http::Response<Body>> + Send + 'static,
 {
+    // No hyper timer: its header read timeout arms a timer per request; `HeadGuard` keeps one
+    // per connection (see conn.rs).
+    let head_timeout = Duration::from_secs(limits.header_read_timeout_secs.max(1));
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs.max(1)))
-        .max_headers(limits.max_headers)
+    http.max_headers(limits.max_headers)
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) + limits.max_body_bytes.max(8192))
         .keep_alive(limits.keep_alive);
     let counts_connections = kind == Listener::Public;
-    let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
@@ -89,19 +89,29 @@ pub async fn serve<S, F>(
         let _ = stream.set_nodelay(true);
         let state2 = state.clone();
         let h = handler.clone();
+        let phase = Arc::new(conn::Phase::default());
+        let served = phase.clone();
         let svc = service_fn(move |req| {
+            served.request_started();
+            let done = conn::Served(served.clone());
             let fut = h(state2.clone(), req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move {
+                let response = fut.await;
+                drop(done);
+                Ok::<_, Infallible>(response)
+            }
         });
-        let conn = http.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let io = conn::HeadGuard::new(TokioIo::new(stream), phase, head_timeout);
+        let conn = http.serve_connection(io, svc);
         let mon = counts_connections.then(|| state.monitoring.clone());
+        let stop = shutdown.clone();
         // Reap finished connections so the set stays the size of the open ones.
         while connections.try_join_next().is_some() {}
         connections.spawn(async move {
             // Decremented on drop, also when the task is cancelled at the end of the drain.
             let _open = mon.as_deref().map(monitoring::Monitoring::connection);
-            if let Err(e) = conn.await {
+            let ended = conn::until_drained(conn, stop, |c| c.graceful_shutdown()).await;
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             drop(permit);
@@ -109,9 +119,10 @@ pub async fn serve<S, F>(
     }
     drop(listener);
     let drain = Duration::from_secs(limits.drain_timeout_secs);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::debug!("all connections drained"),
-        _ = tokio::time::sleep(drain) => tracing::warn!(?drain, "drain time over; closing remaining connections"),
+    let all_done = async { while connections.join_next().await.is_some() {} };
+    match tokio::time::timeout(drain, all_done).await {
+        Ok(()) => tracing::debug!("all connections drained"),
+        Err(_) => tracing::warn!(?drain, "drain time over; closing remaining connections"),
     }
     // Whatever is left is closed now (dropping the task drops its socket), so that nothing
     // keeps running behind a gateway that has stopped.

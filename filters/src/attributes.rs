@@ -8,7 +8,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::OnceLock;
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
@@ -89,6 +90,54 @@ impl Default for PendingResponse {
     }
 }
 
+/// An attribute's name or value: a constant of the code, text shared with the policy node
+/// that set it (a configured name, a constant template), or text made for this request. The
+/// first two cost no allocation per request.
+#[derive(Clone)]
+pub enum Text {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+}
+
+impl Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Text::Static(s) => s,
+            Text::Shared(s) => s,
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text::Static(s)
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::Owned(s)
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(s: Arc<str>) -> Self {
+        Text::Shared(s)
+    }
+}
+
+impl From<Text> for String {
+    fn from(t: Text) -> Self {
+        match t {
+            Text::Owned(s) => s,
+            other => other.to_string(),
+        }
+    }
+}
+
 /// One request on its way through a policy.
 pub struct Exchange {
     pub request: Parts,
@@ -96,7 +145,7 @@ pub struct Exchange {
     pub response: PendingResponse,
     /// Attributes set by filters, as (name, value); names are the YAML names. A request
     /// carries a handful, so a scan of a vector beats hashing every name.
-    attributes: Vec<(String, String)>,
+    attributes: Vec<(Text, Text)>,
     query: OnceLock<Params>,
     form: OnceLock<Params>,
 }
@@ -155,25 +204,22 @@ impl Exchange {
             })
     }
 
-    pub fn set(&mut self, name: impl Into<String> + AsRef<str>, value: impl Into<String>) {
-        match self
-            .attributes
-            .iter_mut()
-            .find(|(n, _)| n.as_str() == name.as_ref())
-        {
+    pub fn set(&mut self, name: impl Into<Text>, value: impl Into<Text>) {
+        let name = name.into();
+        match self.attributes.iter_mut().find(|(n, _)| **n == *name) {
             Some((_, v)) => *v = value.into(),
-            None => self.attributes.push((name.into(), value.into())),
+            None => self.attributes.push((name, value.into())),
         }
     }
 
-    pub fn remove(&mut self, name: &str) -> Option<String> {
-        let i = self.attributes.iter().position(|(n, _)| n == name)?;
+    pub fn remove(&mut self, name: &str) -> Option<Text> {
+        let i = self.attributes.iter().position(|(n, _)| **n == *name)?;
         Some(self.attributes.swap_remove(i).1)
     }
 
     /// The value of a named attribute: one set by a filter, or one read from the request.
     pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
-        if let Some((_, v)) = self.attributes.iter().find(|(n, _)| n == name) {
+        if let Some((_, v)) = self.attributes.iter().find(|(n, _)| **n == *name) {
             return Some(Cow::Borrowed(v));
         }
         let rest = name.strip_prefix("http.")?;
@@ -232,7 +278,7 @@ impl fmt::Debug for Exchange {
     // Attribute values may be secrets (`http.form.client_secret`, a refresh token) or carry
     // them: Debug prints the names only, and the request line without its query string.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names: Vec<&str> = self.attributes.iter().map(|(n, _)| n.as_str()).collect();
+        let mut names: Vec<&str> = self.attributes.iter().map(|(n, _)| &**n).collect();
         names.sort_unstable();
         f.debug_struct("Exchange")
             .field("method", &self.request.method)

@@ -6,11 +6,14 @@
 //! cannot break out of a JSON body. (Upper-case `${NAME}` references
 //! to environment variables were already expanded when the policy was loaded.)
 
+use std::sync::Arc;
+
 use crate::Exchange;
+use crate::attributes::Text;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
-    Literal(String),
+    Literal(Arc<str>),
     Attribute { name: String, json: bool },
 }
 
@@ -46,7 +49,7 @@ impl Template {
                     return Err("empty `${}` in template".into());
                 }
                 if !literal.is_empty() {
-                    parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    parts.push(Part::Literal(std::mem::take(&mut literal).into()));
                 }
                 parts.push(Part::Attribute {
                     name: name.to_owned(),
@@ -60,7 +63,7 @@ impl Template {
         }
         literal.push_str(rest);
         if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
+            parts.push(Part::Literal(literal.into()));
         }
         Ok(Template { parts })
     }
@@ -70,10 +73,19 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
     }
 
+    /// The rendered text; a constant template shares its text instead of copying it.
+    pub fn render_text(&self, ex: &Exchange) -> Text {
+        match self.parts.as_slice() {
+            [] => Text::Static(""),
+            [Part::Literal(s)] => Text::Shared(s.clone()),
+            _ => Text::Owned(self.render(ex)),
+        }
+    }
+
     pub fn render(&self, ex: &Exchange) -> String {
         match self.parts.as_slice() {
             [] => String::new(),
-            [Part::Literal(s)] => s.clone(),
+            [Part::Literal(s)] => s.to_string(),
             parts => {
                 let mut out = String::new();
                 for p in parts {

@@ -402,6 +402,43 @@ async fn idle_connections_are_closed_at_the_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_busy_keep_alive_connection_outlives_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (_dir, gw) = gateway().await;
+    // Each wait for a head has its own deadline: a connection that keeps sending requests,
+    // one every 200 ms for 2 s (twice header_read_timeout_secs), is never cut.
+    let mut s = tokio::net::TcpStream::connect(gw.public_addr)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("the connection is still open");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).ends_with("b=") {
+            let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+                .await
+                .expect("answered in time")
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed after {answered} answers, {:?}",
+                started.elapsed()
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(answered >= 8, "{answered}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_body_that_does_not_arrive_in_time_is_408_and_closed() {
     let (_dir, gw) = gateway().await;
     let started = Instant::now();

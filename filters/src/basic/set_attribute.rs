@@ -16,7 +16,8 @@ pub struct Config {
 }
 
 struct SetAttribute {
-    attribute: String,
+    /// Shared with every request that sets it (no copy per request).
+    attribute: Arc<str>,
     value: Template,
 }
 
@@ -36,14 +37,14 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
     }
     let value = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
     Ok(Arc::new(SetAttribute {
-        attribute: c.attribute,
+        attribute: c.attribute.into(),
         value,
     }))
 }
 
 impl SyncFilter for SetAttribute {
     fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let v = self.value.render(ex);
+        let v = self.value.render_text(ex);
         ex.set(self.attribute.clone(), v);
         Ok(Flow::Pass)
     }
