@@ -26,7 +26,8 @@
 //! Consumed refresh tokens stay as tombstones until their expiry, so a replay is told apart
 //! from an unknown token.
 
-use std::collections::HashMap;
+mod table;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -34,7 +35,7 @@ use async_trait::async_trait;
 
 use crate::*;
 
-/// Shards of the table (a power of two). Each is one `HashMap` behind one mutex.
+/// Shards of the table (a power of two). Each is one [`table::Table`] behind one mutex.
 const SHARDS: usize = 64;
 /// Family lock stripes.
 const LOCK_STRIPES: usize = 64;
@@ -119,7 +120,7 @@ impl Entry {
     }
 }
 
-type Table = HashMap<Digest, Entry, DigestBuildHasher>;
+type Table = table::Table<Entry>;
 
 /// See [`Entry::eviction_rank`].
 type Rank = (bool, UnixTime, UnixTime);
@@ -296,9 +297,9 @@ impl MemoryStore {
         let before = table.len();
         table.retain(|_, e| e.expires_at > now);
         let gone = before - table.len();
-        // Give memory back after a wave of expiries (a table never shrinks by itself).
-        if gone > 0 && table.len() * 4 < table.capacity() {
-            table.shrink_to(table.len() * 2);
+        // Give memory back after a wave of expiries.
+        if gone > 0 {
+            table.shrink_if_sparse();
         }
         gone as u64
     }

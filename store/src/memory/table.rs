@@ -1,0 +1,211 @@
+//! One shard's hash table, grown without a pause.
+//!
+//! A `HashMap` that is full doubles in one go: it allocates the new table and moves every entry
+//! while its caller (here, a shard lock and the request behind it) waits. For a shard of 7,000
+//! tokens that took 1.2 ms on this VM, most of it page faults on the fresh table, and since keys
+//! are uniform every shard reaches its threshold at nearly the same time.
+//! [`Table`] grows the way Redis does instead: when `current` is full it becomes `retiring`, a
+//! table twice the size takes its place, and every later write moves [`STEP`] entries across.
+//! Lookups look in both. What the growth itself costs is the new table's allocation; its pages
+//! are touched (and, fresh from the kernel, faulted in) a few per write instead of all at once.
+//! Measured on the refresh grant at one worker, 64 connections, 5 s (inserts timed under the
+//! shard lock): the longest insert went from 1.2 ms (a shard of 7,169 tokens doubling in one
+//! go) to 0.27 ms, and the time spent in inserts over 20 µs from 110 ms to 23 ms.
+
+use std::collections::HashMap;
+use std::mem;
+
+use crate::{Digest, DigestBuildHasher};
+
+/// Entries moved from the retiring table per insert or `get_mut`: the retiring table is empty
+/// after 1/16 as many writes as it held, so a shard holds both tables only briefly; the move
+/// per write stays a few microseconds at most.
+const STEP: usize = 16;
+
+type Map<V> = HashMap<Digest, V, DigestBuildHasher>;
+
+pub(super) struct Table<V> {
+    current: Map<V>,
+    /// The table before the last growth, emptied [`STEP`] entries per write.
+    retiring: Map<V>,
+}
+
+impl<V> Default for Table<V> {
+    fn default() -> Self {
+        Table {
+            current: Map::default(),
+            retiring: Map::default(),
+        }
+    }
+}
+
+impl<V> Table<V> {
+    pub(super) fn len(&self) -> usize {
+        self.current.len() + self.retiring.len()
+    }
+
+    pub(super) fn get(&self, key: &Digest) -> Option<&V> {
+        if !self.retiring.is_empty()
+            && let Some(v) = self.retiring.get(key)
+        {
+            return Some(v);
+        }
+        self.current.get(key)
+    }
+
+    pub(super) fn get_mut(&mut self, key: &Digest) -> Option<&mut V> {
+        if !self.retiring.is_empty() {
+            self.move_some(STEP);
+            if let Some(v) = self.retiring.get_mut(key) {
+                return Some(v);
+            }
+        }
+        self.current.get_mut(key)
+    }
+
+    /// Inserts or replaces; returns the value it replaced.
+    pub(super) fn insert(&mut self, key: Digest, value: V) -> Option<V> {
+        if !self.retiring.is_empty() {
+            self.move_some(STEP);
+            if let Some(old) = self.retiring.remove(&key) {
+                self.current.insert(key, value);
+                return Some(old);
+            }
+        } else if self.current.len() == self.current.capacity() {
+            self.grow();
+        }
+        self.current.insert(key, value)
+    }
+
+    fn grow(&mut self) {
+        let capacity = (self.current.capacity() * 2).max(16);
+        self.retiring = mem::replace(
+            &mut self.current,
+            Map::with_capacity_and_hasher(capacity, DigestBuildHasher::default()),
+        );
+    }
+
+    /// Moves up to `n` entries from the retiring table. The first ones its iterator finds: the
+    /// search reads only the table's control bytes (16 slots per instruction), not the entries.
+    fn move_some(&mut self, n: usize) {
+        let mut batch = [Digest([0; 32]); STEP];
+        let mut found = 0;
+        for key in self.retiring.keys().take(n.min(STEP)) {
+            batch[found] = *key;
+            found += 1;
+        }
+        for key in &batch[..found] {
+            if let Some(v) = self.retiring.remove(key) {
+                self.current.insert(*key, v);
+            }
+        }
+        if self.retiring.is_empty() {
+            // Gives the retiring table's memory back.
+            self.retiring = Map::default();
+        }
+    }
+
+    /// Moves whatever is left.
+    fn finish(&mut self) {
+        for (k, v) in self.retiring.drain() {
+            self.current.insert(k, v);
+        }
+        self.retiring = Map::default();
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+        self.current.values().chain(self.retiring.values())
+    }
+
+    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.current.values_mut().chain(self.retiring.values_mut())
+    }
+
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Digest, &mut V) -> bool) {
+        self.current.retain(&mut keep);
+        self.retiring.retain(&mut keep);
+    }
+
+    /// After a wave of removals: finishes a growth in progress and shrinks the table to twice
+    /// what it holds when it holds under a quarter of its room (a table never shrinks by
+    /// itself).
+    pub(super) fn shrink_if_sparse(&mut self) {
+        self.finish();
+        let len = self.current.len();
+        if len * 4 < self.current.capacity() {
+            self.current.shrink_to(len * 2);
+        }
+    }
+
+    #[cfg(test)]
+    fn growing(&self) -> bool {
+        !self.retiring.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> Digest {
+        Digest::of(&i.to_string())
+    }
+
+    #[test]
+    fn growth_keeps_every_entry_and_moves_a_few_per_insert() {
+        let mut t = Table::default();
+        let mut growths = 0;
+        let mut was_growing = false;
+        for i in 0..20_000u64 {
+            let retiring_before = t.retiring.len();
+            assert_eq!(t.insert(key(i), i), None);
+            let retiring_after = t.retiring.len();
+            // An insert moves at most STEP entries (or the rest at the end of a growth).
+            if retiring_before > 0 && retiring_after > 0 {
+                assert!(retiring_before - retiring_after <= STEP);
+            }
+            if t.growing() && !was_growing {
+                growths += 1;
+            }
+            was_growing = t.growing();
+            assert_eq!(t.len(), i as usize + 1);
+            // Probe entries on both sides of a growth in progress.
+            for j in [0, i / 2, i] {
+                assert_eq!(t.get(&key(j)), Some(&j), "key {j} after {i} inserts");
+            }
+        }
+        assert!(growths >= 8, "{growths} growths");
+        assert_eq!(t.values().count(), 20_000);
+        assert_eq!(t.get(&key(20_000)), None);
+    }
+
+    #[test]
+    fn replacing_removing_and_mutating_during_a_growth() {
+        let mut t = Table::default();
+        let mut i = 0u64;
+        while !t.growing() {
+            t.insert(key(i), i);
+            i += 1;
+        }
+        // Key 0 is still in the retiring table: replacing it returns the old value, once.
+        assert!(t.retiring.contains_key(&key(0)));
+        assert_eq!(t.insert(key(0), 100), Some(0));
+        assert_eq!(t.get(&key(0)), Some(&100));
+        assert_eq!(t.len(), i as usize);
+        *t.get_mut(&key(1)).unwrap() += 1000;
+        assert_eq!(t.get(&key(1)), Some(&1001));
+        t.retain(|_, v| *v % 2 == 1);
+        let odd = t.values().count();
+        assert_eq!(t.len(), odd);
+        assert!(t.values().all(|v| v % 2 == 1));
+        for v in t.values_mut() {
+            *v += 1;
+        }
+        assert!(t.values().all(|v| v % 2 == 0));
+        t.shrink_if_sparse();
+        assert!(!t.growing());
+        assert_eq!(t.len(), odd);
+        assert_eq!(t.get(&key(1)), Some(&1002));
+        assert_eq!(t.get(&key(0)), None);
+    }
+}
