@@ -1,11 +1,13 @@
 //! Per-connection guards, kept out of the per-request path.
 //!
 //! [`HeadGuard`] bounds the time a connection may take to send a request head, counted from the
-//! moment it starts waiting for one (a new connection, or a keep-alive connection whose last
-//! answer is out): slow headers (slowloris) and idle keep-alive connections are both cut at
+//! moment it starts waiting for one: a new connection, or a keep-alive connection whose chain
+//! has answered (the answer's write counts in that time, so a client that stops reading its
+//! answer is cut too). Slow headers (slowloris) and idle keep-alive connections are both cut at
 //! `header_read_timeout_secs`. hyper's own `header_read_timeout` does the same but allocates,
 //! registers and cancels a timer for every request; here each connection owns one timer, and a
-//! request only moves its deadline later, which tokio does without touching the timer wheel.
+//! request only moves its deadline later, which tokio does without touching the timer wheel
+//! (unless the previous deadline already fired, after a request longer than the timeout).
 //! While a request is being served (its body read, its chain run) the guard is off: the request
 //! timeout bounds that part.
 //!
@@ -25,8 +27,9 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-/// Which phase a connection is in, shared by its I/O and its service: even while it waits for a
-/// request head, odd while a request is served. Incremented at both edges, so each wait has a
+/// Which phase a connection is in, shared by its I/O and its service: odd while a request is
+/// served (from its head to its chain's answer), even otherwise (writing the answer, waiting
+/// for the next head). Incremented at both edges, so each wait has a
 /// number of its own and the guard knows when to start a new deadline.
 #[derive(Default)]
 pub struct Phase(AtomicU32);
@@ -93,13 +96,10 @@ impl<T> HeadGuard<T> {
         if self.armed_for != Some(phase) {
             self.armed_for = Some(phase);
             self.timer.as_mut().reset(Instant::now() + self.timeout);
-            return self.timer.as_mut().poll(cx);
         }
-        if self.timer.is_elapsed() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        // Polled every time, not only when armed: a poll can be refused by tokio's cooperative
+        // budget before it registers the task, and the timer must always have a waker.
+        self.timer.as_mut().poll(cx)
     }
 }
 
@@ -166,7 +166,9 @@ pub async fn until_drained<F: Future>(
 ) -> F::Output {
     let mut conn = std::pin::pin!(conn);
     let mut signal_rx = shutdown.clone();
-    let mut signal = std::pin::pin!(signal_rx.changed());
+    // Unconstrained: polled once, this poll must never be refused by tokio's cooperative
+    // budget, or the task would not be registered for the signal.
+    let mut signal = std::pin::pin!(tokio::task::unconstrained(signal_rx.changed()));
     let mut registered = false;
     let mut draining = false;
     std::future::poll_fn(|cx| {
