@@ -16,40 +16,101 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
 
 /// A parsed `application/x-www-form-urlencoded` or query string, keeping every occurrence:
 /// RFC 6749 §3.2 forbids repeated parameters, so filters need to see repeats to refuse them.
+///
+/// Decoded as `form_urlencoded::parse` decodes (`+` is a space, `%XX` escapes, invalid UTF-8
+/// replaced), but without a `String` per name and value: the input is copied once and a field
+/// that needs no decoding (nearly all of them: tokens, grant types, client ids) is a range of
+/// that copy. This is the token endpoint's hot path.
 #[derive(Default)]
-pub struct Params(Vec<(String, String)>);
+pub struct Params {
+    text: String,
+    fields: Vec<(Field, Field)>,
+}
+
+/// A name or a value: a range of [`Params::text`] or, when it had escapes, its decoded text.
+enum Field {
+    At(u32, u32),
+    Decoded(Box<str>),
+}
 
 impl Params {
     pub fn parse(input: &[u8]) -> Self {
-        Params(
-            form_urlencoded::parse(input)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        // Offsets are u32: far above any body or query the limits let through.
+        let Ok(text) = std::str::from_utf8(input) else {
+            return Self::parse_lossy(input);
+        };
+        if u32::try_from(text.len()).is_err() {
+            return Self::parse_lossy(input);
+        }
+        let mut fields = Vec::with_capacity(text.bytes().filter(|&b| b == b'&').count() + 1);
+        let mut start = 0;
+        for pair in text.split('&') {
+            let at = start;
+            start += pair.len() + 1;
+            if pair.is_empty() {
+                continue;
+            }
+            let (name, value) = match pair.find('=') {
+                Some(eq) => ((at, at + eq), (at + eq + 1, at + pair.len())),
+                None => ((at, at + pair.len()), (at + pair.len(), at + pair.len())),
+            };
+            fields.push((Self::field(text, name), Self::field(text, value)));
+        }
+        Params {
+            text: text.to_owned(),
+            fields,
+        }
+    }
+
+    fn field(text: &str, (from, to): (usize, usize)) -> Field {
+        let raw = &text[from..to];
+        if raw.bytes().any(|b| b == b'+' || b == b'%') {
+            let spaced = raw.replace('+', " ");
+            let decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
+            Field::Decoded(decoded.into())
+        } else {
+            // Both fit: the whole text's length was checked.
+            Field::At(from as u32, to as u32)
+        }
+    }
+
+    /// Input that is not UTF-8 as a whole: each field decoded on its own, as the URL standard
+    /// does (an escape may complete a multi-byte character begun by a raw byte).
+    fn parse_lossy(input: &[u8]) -> Self {
+        Params {
+            text: String::new(),
+            fields: form_urlencoded::parse(input)
+                .map(|(k, v)| (Field::Decoded(k.into()), Field::Decoded(v.into())))
                 .collect(),
-        )
+        }
+    }
+
+    fn text<'a>(&'a self, f: &'a Field) -> &'a str {
+        match f {
+            Field::At(from, to) => &self.text[*from as usize..*to as usize],
+            Field::Decoded(s) => s,
+        }
+    }
+
+    fn values<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+        self.fields
+            .iter()
+            .filter(move |(k, _)| self.text(k) == name)
+            .map(|(_, v)| self.text(v))
     }
 
     /// The value of `name` when it occurs exactly once.
     pub fn single(&self, name: &str) -> Param<'_> {
-        let mut found = None;
-        for (k, v) in &self.0 {
-            if k == name {
-                if found.is_some() {
-                    return Param::Repeated;
-                }
-                found = Some(v.as_str());
-            }
-        }
-        match found {
-            Some(v) => Param::Value(v),
-            None => Param::Missing,
+        let mut found = self.values(name);
+        match (found.next(), found.next()) {
+            (None, _) => Param::Missing,
+            (Some(v), None) => Param::Value(v),
+            (Some(_), Some(_)) => Param::Repeated,
         }
     }
 
     pub fn first(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.values(name).next()
     }
 }
 
@@ -147,7 +208,8 @@ pub struct Exchange {
     /// carries a handful, so a scan of a vector beats hashing every name.
     attributes: Vec<(Text, Text)>,
     query: OnceLock<Params>,
-    form: OnceLock<Params>,
+    /// `None` when the body is not declared a form.
+    form: OnceLock<Option<Params>>,
 }
 
 impl Exchange {
@@ -183,25 +245,34 @@ impl Exchange {
     /// The body as a form, parsed on first use; empty unless the request says
     /// `Content-Type: application/x-www-form-urlencoded`.
     pub fn form(&self) -> &Params {
-        self.form.get_or_init(|| {
-            if self.is_form() {
-                Params::parse(&self.body)
-            } else {
-                Params::default()
-            }
-        })
+        static NOT_A_FORM: Params = Params {
+            text: String::new(),
+            fields: Vec::new(),
+        };
+        self.declared_form().unwrap_or(&NOT_A_FORM)
     }
 
+    /// Whether the request says `Content-Type: application/x-www-form-urlencoded`.
     pub fn is_form(&self) -> bool {
-        self.request
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| {
-                v.trim()
-                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        self.declared_form().is_some()
+    }
+
+    fn declared_form(&self) -> Option<&Params> {
+        self.form
+            .get_or_init(|| {
+                let declared = self
+                    .request
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split(';').next())
+                    .is_some_and(|v| {
+                        v.trim()
+                            .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+                    });
+                declared.then(|| Params::parse(&self.body))
             })
+            .as_ref()
     }
 
     pub fn set(&mut self, name: impl Into<Text>, value: impl Into<Text>) {
@@ -339,6 +410,64 @@ mod tests {
         assert_eq!(p.single("b").value(), None);
         assert_eq!(p.single("c").value(), Some("3"));
         assert_eq!(p.single("d"), Param::Missing);
+    }
+
+    /// Every (name, value) in order, as decoded.
+    fn pairs(p: &Params) -> Vec<(String, String)> {
+        p.fields
+            .iter()
+            .map(|(k, v)| (p.text(k).to_owned(), p.text(v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn params_decode_exactly_as_form_urlencoded_does() {
+        let inputs: &[&[u8]] = &[
+            b"",
+            b"&&",
+            b"grant_type=refresh_token&refresh_token=abcDEF123",
+            b"scope=a+b&x=%41%42&y=%zz&z=%&w=100%25",
+            b"a=1=2&b&=c&&d=&",
+            b"k%2Bey=v%2bal+ue&k+ey=1",
+            "na\u{ef}ve=caf\u{e9}&\u{1F600}=%F0%9F%98%80".as_bytes(),
+            b"bad=\xff\xfe&ok=1",
+            b"bad=\xc3%A9&raw=\xc3",
+            b"t=%C3%28&u=%E2%82",
+        ];
+        for input in inputs {
+            let ours = pairs(&Params::parse(input));
+            let reference: Vec<(String, String)> = form_urlencoded::parse(input)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            assert_eq!(
+                ours,
+                reference,
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        // Fields without escapes are ranges of the one copy, not strings of their own.
+        let p = Params::parse(b"grant_type=refresh_token&scope=a+b");
+        assert!(matches!(p.fields[0], (Field::At(0, 10), Field::At(11, 24))));
+        assert!(matches!(&p.fields[1].1, Field::Decoded(s) if &**s == "a b"));
+    }
+
+    #[test]
+    fn a_form_is_parsed_once_and_only_when_declared() {
+        let ex = exchange(
+            "/",
+            &[(
+                "content-type",
+                "Application/X-WWW-Form-Urlencoded ; charset=utf-8",
+            )],
+            "a=1",
+        );
+        assert!(ex.is_form());
+        assert_eq!(ex.form().single("a"), Param::Value("1"));
+        assert!(std::ptr::eq(ex.form(), ex.form()));
+        let ex = exchange("/", &[], "a=1");
+        assert!(!ex.is_form());
+        assert_eq!(ex.form().single("a"), Param::Missing);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! "Application validation": find the client's credentials in the message, check them against
 //! the client application registry, and (for the grant filters) the requested scope.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -102,7 +103,7 @@ impl ApplicationValidation {
                     return Ok(Err(invalid("client authentication required (HTTP Basic)")));
                 };
                 match parse_basic(v.as_bytes()) {
-                    Some(pair) => pair,
+                    Some((id, secret)) => (Cow::Owned(id), Cow::Owned(secret)),
                     None => return Ok(Err(invalid("malformed Basic credentials"))),
                 }
             }
@@ -127,7 +128,7 @@ impl ApplicationValidation {
                     )));
                 }
                 match (id.value(), secret.value()) {
-                    (Some(i), Some(s)) => (i.to_owned(), s.to_owned()),
+                    (Some(i), Some(s)) => (Cow::Borrowed(i), Cow::Borrowed(s)),
                     _ => return Ok(Err(invalid("client authentication required"))),
                 }
             }
@@ -183,7 +184,7 @@ impl ApplicationValidation {
         &self,
         ex: &mut Exchange,
         grant: GrantType,
-        client_attribute: &str,
+        client_attribute: &Arc<str>,
     ) -> Result<Result<Arc<ClientApplication>, OAuthError>, FilterError> {
         if !ex.is_form() {
             return Ok(Err(OAuthError::new(
@@ -216,8 +217,10 @@ impl ApplicationValidation {
             Ok(app) => app,
             Err(e) => return Ok(Err(e)),
         };
-        ex.set("oauth.client_id", app.client_id.clone());
-        ex.set(client_attribute.to_owned(), app.client_id.clone());
+        // One copy of the id for both attributes; the attribute's name is the policy's.
+        let id: Arc<str> = Arc::from(app.client_id.as_str());
+        ex.set("oauth.client_id", id.clone());
+        ex.set(client_attribute.clone(), id);
         if !app.allows_grant(grant.as_str()) {
             return Ok(Err(OAuthError::new(
                 ErrorCode::UnauthorizedClient,
@@ -238,20 +241,22 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(rest.trim())
         .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
+    let mut id = String::from_utf8(decoded).ok()?;
+    let colon = id.bytes().position(|b| b == b':')?;
+    // The id keeps the decoded buffer; only the secret gets one of its own.
+    let secret = form_decode(id[colon + 1..].to_owned())?;
+    id.truncate(colon);
     let id = form_decode(id)?;
-    let secret = form_decode(secret)?;
     if id.is_empty() {
         return None;
     }
     Some((id, secret))
 }
 
-fn form_decode(s: &str) -> Option<String> {
+fn form_decode(s: String) -> Option<String> {
     // application/x-www-form-urlencoded: `+` is a space, then %XX escapes.
-    if !s.contains(['+', '%']) {
-        return Some(s.to_owned());
+    if !s.bytes().any(|b| b == b'+' || b == b'%') {
+        return Some(s);
     }
     let spaced = s.replace('+', " ");
     percent_encoding::percent_decode_str(&spaced)

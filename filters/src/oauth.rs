@@ -2,6 +2,7 @@
 //! generation, scopes, and the access-token settings of the product documents.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
@@ -87,20 +88,20 @@ pub fn generate_token(len: usize) -> String {
     // Bytes drawn in blocks (one RNG call per 64 bytes, not one per character); a byte below
     // 248 = 4 × 62 maps to a character without bias, the rest are dropped.
     let mut rng = rand::rng();
-    let mut token = String::with_capacity(len);
+    let mut token = Vec::with_capacity(len);
     let mut block = [0u8; 64];
     while token.len() < len {
         rng.fill_bytes(&mut block);
-        let wanted = len - token.len();
-        token.extend(
-            block
-                .iter()
-                .filter(|&&b| b < 248)
-                .take(wanted)
-                .map(|&b| char::from(ALPHABET[usize::from(b % 62)])),
-        );
+        for &b in &block {
+            if token.len() == len {
+                break;
+            }
+            if b < 248 {
+                token.push(ALPHABET[usize::from(b % 62)]);
+            }
+        }
     }
-    token
+    String::from_utf8(token).expect("the alphabet is ASCII")
 }
 
 /// A scope as a set of scope tokens (RFC 6749 §3.3: space-delimited, case-sensitive).
@@ -129,7 +130,6 @@ pub fn token_response(
     refresh_token: Option<&str>,
     scope: &str,
 ) -> Response {
-    use std::io::Write as _;
     let mut body = Vec::with_capacity(160 + access_token.len() + scope.len());
     // The gateway's own tokens are alphanumeric and go in as they are; anything else (and the
     // token type and scope, which come from configuration and requests) is escaped.
@@ -148,7 +148,7 @@ pub fn token_response(
     body.extend_from_slice(b",\"token_type\":");
     string(&mut body, token_type);
     body.extend_from_slice(b",\"expires_in\":");
-    let _ = write!(body, "{expires_in}");
+    body.extend_from_slice(itoa::Buffer::new().format(expires_in).as_bytes());
     if let Some(rt) = refresh_token {
         body.extend_from_slice(b",\"refresh_token\":");
         string(&mut body, rt);
@@ -250,6 +250,9 @@ pub struct GrantBase {
     pub access: AccessTokenConfig,
     pub metadata: Metadata,
     pub monitor: crate::monitor::FilterMonitor,
+    /// The monitoring settings' attribute that identifies the client, shared with every
+    /// request that sets it.
+    pub client_attribute: Arc<str>,
 }
 
 impl GrantBase {
@@ -267,6 +270,7 @@ impl GrantBase {
         let validation = crate::client_auth::ApplicationValidation::build(validation, cx)?;
         let monitor = crate::monitor::FilterMonitor::new(monitoring, &access.store, cx);
         Ok(GrantBase {
+            client_attribute: monitor.config.client_attribute.as_str().into(),
             validation,
             store,
             access,

@@ -160,7 +160,7 @@ impl RefreshAccessToken {
     }
 
     async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let attribute = &self.base.monitor.config.client_attribute;
+        let attribute = &self.base.client_attribute;
         let app = match self
             .base
             .validation
@@ -204,10 +204,10 @@ impl RefreshAccessToken {
         let minted: Mutex<Option<Minted>> = Mutex::new(None);
         let validate_registered = self.base.validation.config.validate_scopes;
         let decide = |old: &store::RefreshToken| -> RotateDecision {
-            let granted = parse_scope(&old.grant.scope);
             let scope = match &requested {
                 None => old.grant.scope.clone(),
                 Some(r) => {
+                    let granted = parse_scope(&old.grant.scope);
                     let wanted = parse_scope(r);
                     // RFC 6749 §6: never beyond the original grant; with validate_scopes,
                     // never beyond what the application is registered for today.
@@ -220,8 +220,6 @@ impl RefreshAccessToken {
                     join_scope(wanted)
                 }
             };
-            let mut metadata = old.grant.metadata.clone();
-            metadata.extend(metadata_extra.clone());
             let access = oauth::generate_token(self.base.access.length);
             let refresh = self
                 .refresh
@@ -229,12 +227,19 @@ impl RefreshAccessToken {
                 .then(|| oauth::generate_token(self.refresh.length));
             // The new refresh token keeps the presented one's scope (RFC 6749 §6); only the
             // access token carries a narrowed scope.
-            let grant = Arc::new(Grant {
-                client_id: old.grant.client_id.clone(),
-                subject: old.grant.subject.clone(),
-                scope: old.grant.scope.clone(),
-                metadata,
-            });
+            // With no metadata to add, the grant is the presented token's, shared as it is.
+            let grant = if metadata_extra.is_empty() {
+                old.grant.clone()
+            } else {
+                let mut metadata = old.grant.metadata.clone();
+                metadata.extend(metadata_extra.clone());
+                Arc::new(Grant {
+                    client_id: old.grant.client_id.clone(),
+                    subject: old.grant.subject.clone(),
+                    scope: old.grant.scope.clone(),
+                    metadata,
+                })
+            };
             let access_grant = (scope != old.grant.scope).then(|| {
                 Arc::new(Grant {
                     scope: scope.clone(),
