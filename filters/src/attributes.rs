@@ -42,7 +42,10 @@ impl Params {
         if u32::try_from(text.len()).is_err() {
             return Self::parse_lossy(input);
         }
-        let mut fields = Vec::with_capacity(text.bytes().filter(|&b| b == b'&').count() + 1);
+        // Sized for the usual handful of fields; a body of bare `&`s must not reserve room
+        // for each of them (empty pairs are skipped).
+        let pairs = text.bytes().filter(|&b| b == b'&').count() + 1;
+        let mut fields = Vec::with_capacity(pairs.min(16));
         let mut start = 0;
         for pair in text.split('&') {
             let at = start;
