@@ -44,8 +44,8 @@ impl Params {
         }
         // Sized for the usual handful of fields; a body of bare `&`s must not reserve room
         // for each of them (empty pairs are skipped).
-        let pairs = text.bytes().filter(|&b| b == b'&').count() + 1;
-        let mut fields = Vec::with_capacity(pairs.min(16));
+        let pairs = text.bytes().filter(|&b| b == b'&').take(15).count() + 1;
+        let mut fields = Vec::with_capacity(pairs);
         let mut start = 0;
         for pair in text.split('&') {
             let at = start;
@@ -66,14 +66,10 @@ impl Params {
     }
 
     fn field(text: &str, (from, to): (usize, usize)) -> Field {
-        let raw = &text[from..to];
-        if raw.bytes().any(|b| b == b'+' || b == b'%') {
-            let spaced = raw.replace('+', " ");
-            let decoded = percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy();
-            Field::Decoded(decoded.into())
-        } else {
+        match unescape_form(&text[from..to]) {
+            Some(bytes) => Field::Decoded(String::from_utf8_lossy(&bytes).into()),
             // Both fit: the whole text's length was checked.
-            Field::At(from as u32, to as u32)
+            None => Field::At(from as u32, to as u32),
         }
     }
 
@@ -115,6 +111,17 @@ impl Params {
     pub fn first(&self, name: &str) -> Option<&str> {
         self.values(name).next()
     }
+}
+
+/// The bytes an `application/x-www-form-urlencoded` name or value stands for (`+` is a space,
+/// then `%XX` escapes), or `None` when it has neither and stands for itself. The caller decides
+/// what invalid UTF-8 means: replaced in a form field, refused in Basic credentials.
+pub(crate) fn unescape_form(raw: &str) -> Option<Vec<u8>> {
+    if !raw.bytes().any(|b| b == b'+' || b == b'%') {
+        return None;
+    }
+    let spaced = raw.replace('+', " ");
+    Some(percent_encoding::percent_decode_str(&spaced).collect())
 }
 
 /// One parameter looked up with [`Params::single`].

@@ -254,15 +254,10 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
 }
 
 fn form_decode(s: String) -> Option<String> {
-    // application/x-www-form-urlencoded: `+` is a space, then %XX escapes.
-    if !s.bytes().any(|b| b == b'+' || b == b'%') {
-        return Some(s);
+    match crate::attributes::unescape_form(&s) {
+        None => Some(s),
+        Some(bytes) => String::from_utf8(bytes).ok(),
     }
-    let spaced = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&spaced)
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
 }
 
 #[cfg(test)]
