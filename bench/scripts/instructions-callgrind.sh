@@ -12,6 +12,8 @@
 # refresh grant) counts about 3,600 instructions that cost a few hundred cycles natively.
 #
 # Usage: bench/scripts/instructions-callgrind.sh [SECONDS]   (default 10; needs valgrind, curl)
+#   CASES="chain refresh"   run only these (the summary lines need all four)
+#   KEEP=DIR                keep each case's callgrind output as DIR/CASE.out for callgrind_annotate
 # Builds with: CARGO_TARGET_DIR=target-bench cargo build --release -p bench -p engine
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -61,7 +63,7 @@ id="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["client_id"])' 
 secret="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["client_secret"])' "$creds")"
 
 declare -A per
-for case in ceiling chain refresh refresh-off; do
+for case in ${CASES:-ceiling chain refresh refresh-off}; do
   port=$(free_port)
   if [ "$case" = ceiling ]; then
     server=("$bin/ceiling" "127.0.0.1:$port")
@@ -86,8 +88,10 @@ for case in ceiling chain refresh refresh-off; do
   non2xx=$(grep -o '"non_2xx":[0-9]*' "$work/$case.load" | cut -d: -f2)
   [ "$non2xx" = 0 ] || { echo "$case: $non2xx answers were not 2xx" >&2; exit 1; }
   per[$case]=$((total / requests))
+  [ -z "${KEEP:-}" ] || { mkdir -p "$KEEP"; cp "$work/$case.out".1 "$KEEP/$case.out"; }
   echo "$case: ${per[$case]} instructions per request ($requests requests)"
 done
+[ -z "${CASES:-}" ] || exit 0
 python3 - "${per[ceiling]}" "${per[chain]}" "${per[refresh]}" "${per[refresh-off]}" <<'PY'
 import sys
 ceiling, chain, on, off = map(int, sys.argv[1:])
