@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use filters::{Exchange, Flow, Response};
+use filters::{Exchange, FilterError, Flow, Response};
 use monitoring::{Monitoring, Outcome};
 
 use crate::runtime::{Node, Policy};
@@ -19,15 +19,153 @@ pub struct Finished {
     pub trail: Vec<u16>,
 }
 
-/// Runs `ex` through `policy`: each node passes (its `on_success` edge; the chain ends after a
-/// last node that passes, sending the response built so far), fails (its `on_failure` edge,
-/// or the filter's own failure response), responds, or breaks (503/500). The graph was checked
-/// for cycles at load time, so this always ends.
-pub async fn run(policy: &Policy, ex: &mut Exchange, monitoring: &Monitoring) -> Finished {
-    let mut contexts = Contexts::new(policy);
-    let finished = walk(policy, ex, &mut contexts).await;
-    contexts.record(policy, ex, monitoring, finished.outcome);
-    finished
+/// A request's way through its policy's chain: the node it is at, the node times and service
+/// contexts recorded so far, the trail for the log line.
+///
+/// Each node passes (its `on_success` edge; the chain ends after a last node that passes,
+/// sending the response built so far), fails (its `on_failure` edge, or the filter's own failure
+/// response), responds, or breaks (503/500). The graph was checked for cycles at load time, so
+/// a walk always ends.
+///
+/// Nodes that never wait answer through [`filters::Filter::on_request_now`], so a chain of them
+/// runs in [`Walk::run_now`] without a future at all: the server answers such a request
+/// without boxing or moving a request future. [`Walk::run`] goes on from there when a node
+/// must wait.
+pub struct Walk {
+    at: Option<usize>,
+    /// The end of the last node, or the walk's start; `None` when no node records its time.
+    /// One clock read serves as the end of a node and the start of the next.
+    mark: Option<Instant>,
+    /// Indices of the nodes visited; kept only when the request's log line is on.
+    keep_trail: bool,
+    trail: Vec<u16>,
+    contexts: Contexts,
+}
+
+impl Walk {
+    /// A walk from the policy's first node; `start` is when its first node starts (the
+    /// caller's clock read, when it has one).
+    pub fn new(policy: &Policy, start: Instant) -> Self {
+        // The trail only feeds the request's log line: no allocation when that line is off.
+        let keep_trail = tracing::enabled!(tracing::Level::INFO);
+        Walk {
+            at: if policy.nodes.is_empty() {
+                None
+            } else {
+                Some(0)
+            },
+            mark: policy.times_nodes.then_some(start),
+            keep_trail,
+            trail: Vec::with_capacity(if keep_trail { policy.nodes.len() } else { 0 }),
+            contexts: Contexts::new(policy),
+        }
+    }
+
+    /// Runs the nodes that answer without waiting. `None` when the walk stopped before a node
+    /// that must wait: [`Walk::run`] goes on from it.
+    pub fn run_now(&mut self, policy: &Policy, ex: &mut Exchange) -> Option<Finished> {
+        while let Some(i) = self.at {
+            let flow = policy.nodes[i].filter.on_request_now(ex)?;
+            if let Some(finished) = self.after(policy, i, ex, flow) {
+                return Some(finished);
+            }
+        }
+        Some(self.respond_pending(ex))
+    }
+
+    /// Runs the walk to its end, awaiting the nodes that must wait.
+    pub async fn run(&mut self, policy: &Policy, ex: &mut Exchange) -> Finished {
+        loop {
+            if let Some(finished) = self.run_now(policy, ex) {
+                return finished;
+            }
+            let i = self.at.expect("run_now stops at a node");
+            let flow = policy.nodes[i].filter.on_request(ex).await;
+            if let Some(finished) = self.after(policy, i, ex, flow) {
+                return finished;
+            }
+        }
+    }
+
+    /// When the last node ended, if the walk read the clock at all.
+    pub fn last_mark(&self) -> Option<Instant> {
+        self.mark
+    }
+
+    /// Records the service contexts the walk went through (once per request each, with the
+    /// composite around them), once the walk is over.
+    pub fn record(self, policy: &Policy, ex: &Exchange, monitoring: &Monitoring, overall: Outcome) {
+        self.contexts.record(policy, ex, monitoring, overall);
+    }
+
+    /// Takes node `i`'s answer: records it and moves to the next node, or ends the walk.
+    fn after(
+        &mut self,
+        policy: &Policy,
+        i: usize,
+        ex: &mut Exchange,
+        flow: Result<Flow, FilterError>,
+    ) -> Option<Finished> {
+        let node = &policy.nodes[i];
+        if self.keep_trail {
+            self.trail.push(i as u16);
+        }
+        let elapsed = match &mut self.mark {
+            Some(mark) => {
+                let now = Instant::now();
+                let elapsed = now - *mark;
+                *mark = now;
+                elapsed
+            }
+            None => Duration::ZERO,
+        };
+        let (response, outcome) = match flow {
+            Ok(Flow::Pass) => {
+                self.contexts.node(node, Outcome::Success, elapsed);
+                self.at = node.on_success;
+                return None;
+            }
+            Ok(Flow::Respond(response)) => {
+                let outcome = outcome_of(&response);
+                self.contexts.node(node, outcome, elapsed);
+                (response, outcome)
+            }
+            Ok(Flow::Fail(failure)) => {
+                self.contexts.node(node, Outcome::Failure, elapsed);
+                if let Some(next) = node.on_failure {
+                    ex.set(FAILURE_REASON, failure.reason);
+                    self.at = Some(next);
+                    return None;
+                }
+                (failure.response, Outcome::Failure)
+            }
+            Err(e) => {
+                self.contexts.node(node, Outcome::Exception, elapsed);
+                tracing::error!(policy = %policy.name, node = %node.name, kind = node.kind, error = %e, "filter error");
+                (e.to_response(), Outcome::Exception)
+            }
+        };
+        self.at = None;
+        Some(Finished {
+            response,
+            outcome,
+            trail: std::mem::take(&mut self.trail),
+        })
+    }
+
+    /// The end of a chain whose last node passed: the response the nodes built.
+    fn respond_pending(&mut self, ex: &mut Exchange) -> Finished {
+        let pending = std::mem::take(&mut ex.response);
+        let mut response = http::Response::new(pending.body);
+        *response.status_mut() = pending.status;
+        *response.headers_mut() = pending.headers;
+        let outcome = outcome_of(&response);
+        Finished {
+            response,
+            outcome,
+            trail: std::mem::take(&mut self.trail),
+        }
+    }
 }
 
 /// Outcome and time of each service context that ran during one request.
@@ -83,89 +221,6 @@ impl Contexts {
             scope.observe(overall);
             let _ = scope.finish();
         }
-    }
-}
-
-async fn walk(policy: &Policy, ex: &mut Exchange, contexts: &mut Contexts) -> Finished {
-    // The trail only feeds the request's log line: no allocation when that line is off.
-    let keep_trail = tracing::enabled!(tracing::Level::INFO);
-    let mut trail = Vec::with_capacity(if keep_trail { policy.nodes.len() } else { 0 });
-    let mut at = if policy.nodes.is_empty() {
-        None
-    } else {
-        Some(0)
-    };
-    // One clock read serves as the end of a node and the start of the next; none when no node
-    // records its time.
-    let mut mark = policy.times_nodes.then(Instant::now);
-    while let Some(i) = at {
-        let node = &policy.nodes[i];
-        if keep_trail {
-            trail.push(i as u16);
-        }
-        let flow = match node.filter.on_request_now(ex) {
-            Some(flow) => flow,
-            None => node.filter.on_request(ex).await,
-        };
-        let elapsed = match &mut mark {
-            Some(mark) => {
-                let now = Instant::now();
-                let elapsed = now - *mark;
-                *mark = now;
-                elapsed
-            }
-            None => Duration::ZERO,
-        };
-        match flow {
-            Ok(Flow::Pass) => {
-                contexts.node(node, Outcome::Success, elapsed);
-                at = node.on_success;
-            }
-            Ok(Flow::Respond(response)) => {
-                contexts.node(node, outcome_of(&response), elapsed);
-                let outcome = outcome_of(&response);
-                return Finished {
-                    response,
-                    outcome,
-                    trail,
-                };
-            }
-            Ok(Flow::Fail(failure)) => {
-                contexts.node(node, Outcome::Failure, elapsed);
-                match node.on_failure {
-                    Some(next) => {
-                        ex.set(FAILURE_REASON, failure.reason);
-                        at = Some(next);
-                    }
-                    None => {
-                        return Finished {
-                            response: failure.response,
-                            outcome: Outcome::Failure,
-                            trail,
-                        };
-                    }
-                }
-            }
-            Err(e) => {
-                contexts.node(node, Outcome::Exception, elapsed);
-                tracing::error!(policy = %policy.name, node = %node.name, kind = node.kind, error = %e, "filter error");
-                return Finished {
-                    response: e.to_response(),
-                    outcome: Outcome::Exception,
-                    trail,
-                };
-            }
-        }
-    }
-    let pending = std::mem::take(&mut ex.response);
-    let mut response = http::Response::new(pending.body);
-    *response.status_mut() = pending.status;
-    *response.headers_mut() = pending.headers;
-    let outcome = outcome_of(&response);
-    Finished {
-        response,
-        outcome,
-        trail,
     }
 }
 

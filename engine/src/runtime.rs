@@ -340,6 +340,8 @@ pub async fn open_registry(
 pub struct Router {
     /// (path match, host, methods, policy index), most specific first.
     routes: Vec<(PathMatch, Option<String>, Vec<Method>, usize)>,
+    /// Whether any route names a host (when none does, a request's host is never looked up).
+    by_host: bool,
 }
 
 /// What the router found for a request.
@@ -373,7 +375,13 @@ impl Router {
             };
             (exact, len, host.is_none())
         });
-        Router { routes }
+        let by_host = routes.iter().any(|(_, host, _, _)| host.is_some());
+        Router { routes, by_host }
+    }
+
+    /// Whether [`Router::find`] needs the request's host: some route names one.
+    pub fn routes_by_host(&self) -> bool {
+        self.by_host
     }
 
     pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> RouteMatch {

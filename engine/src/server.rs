@@ -3,12 +3,14 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use filters::{Exchange, Response, json_response};
 use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Either};
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
@@ -19,10 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::State;
-use crate::chain;
+use crate::chain::{Finished, Walk};
 use crate::config::Limits;
 use crate::conn;
-use crate::runtime::RouteMatch;
+use crate::runtime::{Policy, RouteMatch, Runtime};
 
 pub type Body = Full<Bytes>;
 
@@ -56,7 +58,7 @@ pub async fn serve<S, F>(
     handler: S,
 ) where
     S: Fn(Arc<State>, Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = http::Response<Body>> + Send + 'static,
+    F: std::future::Future<Output = http::Response<Body>> + Send + Unpin + 'static,
 {
     // No hyper timer: its header read timeout arms a timer per request; `HeadGuard` keeps one
     // per connection (see conn.rs).
@@ -94,12 +96,11 @@ pub async fn serve<S, F>(
         let svc = service_fn(move |req| {
             served.request_started();
             let done = conn::Served(served.clone());
-            let fut = h(state2.clone(), req, peer);
-            async move {
-                let response = fut.await;
+            // Not an async block: that would move the handler's future once more per request.
+            h(state2.clone(), req, peer).map(move |response| {
                 drop(done);
                 Ok::<_, Infallible>(response)
-            }
+            })
         });
         let io = conn::HeadGuard::new(TokioIo::new(stream), phase, head_timeout);
         let conn = http.serve_connection(io, svc);
@@ -130,30 +131,70 @@ pub async fn serve<S, F>(
 }
 
 /// The public listener's handler: route, read the body within its limit, run the chain.
-pub async fn public(
-    state: Arc<State>,
-    req: Request<Incoming>,
-    _peer: SocketAddr,
-) -> http::Response<Body> {
+///
+/// A request without a body whose chain never waits (a liveness answer, a chain of `set_*`
+/// nodes) is answered before this returns: no request future is built, boxed or moved. Any
+/// other request goes on in one boxed future ([`answer_later`]).
+pub fn public(state: Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
     let runtime = state.runtime.load_full();
-    let limits = &runtime.settings.limits;
     let (parts, body) = req.into_parts();
-    let host = parts.uri.host().or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    });
-    let host = host.map(strip_port);
-    let policy = match runtime.router.find(host, parts.uri.path(), &parts.method) {
-        RouteMatch::Policy(i) => &runtime.policies[i],
-        RouteMatch::NotFound => {
-            return to_hyper(error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no policy serves this path",
-            ));
+    let index = match route(&runtime, &parts) {
+        Ok(i) => i,
+        Err(response) => return Either::Left(std::future::ready(to_hyper(*response))),
+    };
+    let started = Instant::now();
+    let start = if body.is_end_stream() {
+        let policy = &runtime.policies[index];
+        let _in_flight = state.monitoring.in_flight();
+        let mut ex = Exchange::new(parts, Bytes::new());
+        let mut walk = Walk::new(policy, started);
+        match std::panic::catch_unwind(AssertUnwindSafe(|| walk.run_now(policy, &mut ex))) {
+            Ok(None) => Start::Resume(Box::new(ex), walk),
+            Ok(Some(finished)) => {
+                let ending = Ending::of_walk(&state, policy, &ex, walk, Some(finished), started);
+                return Either::Left(std::future::ready(conclude(policy, ending)));
+            }
+            Err(_) => {
+                let ending = Ending::of_walk(&state, policy, &ex, walk, None, started);
+                return Either::Left(std::future::ready(conclude(policy, ending)));
+            }
         }
+    } else {
+        Start::Read(Box::new(Exchange::new(parts, Bytes::new())), body)
+    };
+    Either::Right(Box::pin(answer_later(
+        state, runtime, index, start, started,
+    )))
+}
+
+/// What [`public`] returns: the answer itself, or the future that will give it.
+pub type Answer =
+    Either<std::future::Ready<http::Response<Body>>, BoxFuture<'static, http::Response<Body>>>;
+
+/// The policy serving this request, or the 404/405 to send.
+fn route(runtime: &Runtime, parts: &http::request::Parts) -> Result<usize, Box<Response>> {
+    // The host is looked up only when some route needs it.
+    let host = if runtime.router.routes_by_host() {
+        parts
+            .uri
+            .host()
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .map(strip_port)
+    } else {
+        None
+    };
+    match runtime.router.find(host, parts.uri.path(), &parts.method) {
+        RouteMatch::Policy(i) => Ok(i),
+        RouteMatch::NotFound => Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no policy serves this path",
+        ))),
         RouteMatch::MethodNotAllowed(allowed) => {
             let mut r = error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -168,127 +209,203 @@ pub async fn public(
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
-            return to_hyper(r);
+            Err(Box::new(r))
         }
-    };
+    }
+}
+
+/// Where [`answer_later`] starts: a body to read, or a walk stopped at a node that must wait.
+/// The exchange is boxed so that the request's future stays small (an inline `Exchange` is
+/// over 500 bytes, and a future over about 1 KiB is allocated off glibc's fast path).
+enum Start {
+    Read(Box<Exchange>, Incoming),
+    Resume(Box<Exchange>, Walk),
+}
+
+/// The rest of a request that has a body to read or a node that waits, under the request
+/// timeout.
+async fn answer_later(
+    state: Arc<State>,
+    runtime: Arc<Runtime>,
+    index: usize,
+    start: Start,
+    started: Instant,
+) -> http::Response<Body> {
+    let policy = &runtime.policies[index];
+    let limits = &runtime.settings.limits;
     let _in_flight = state.monitoring.in_flight();
-    let started = tokio::time::Instant::now();
-    let deadline = started + Duration::from_secs(limits.request_timeout_secs.max(1));
+    let deadline = tokio::time::Instant::from_std(started)
+        + Duration::from_secs(limits.request_timeout_secs.max(1));
     let max_body = limits.max_body_bytes;
     // Set once the body is in: a deadline that fires before is the client's delay (408), after
     // it ours (504). One timer per request covers both.
     let body_read = std::sync::atomic::AtomicBool::new(false);
     let work = async {
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max_body as u64) {
-            return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
-        }
-        let body = if body.is_end_stream() {
-            // Most GETs: nothing to read, no collector to build.
-            Bytes::new()
-        } else {
-            match Limited::new(body, max_body).collect().await {
-                Ok(c) => c.to_bytes(),
-                Err(e)
-                    if e.downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some() =>
-                {
-                    return Err((too_large(), monitoring::ClientLabel::ANONYMOUS));
-                }
-                Err(_) => {
-                    // Broken framing (a bad chunk size): nothing after it on this connection
-                    // can be trusted.
-                    return Err((
-                        closing(error(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_request",
-                            "the request body could not be read",
-                        )),
-                        monitoring::ClientLabel::ANONYMOUS,
-                    ));
-                }
+        let (mut ex, mut walk) = match start {
+            Start::Resume(ex, walk) => (ex, walk),
+            Start::Read(mut ex, body) => {
+                ex.body = read_body(body, max_body)
+                    .await
+                    .map_err(|r| Ending::early(r, started))?;
+                (ex, Walk::new(policy, Instant::now()))
             }
         };
         body_read.store(true, std::sync::atomic::Ordering::Relaxed);
-        let mut ex = Exchange::new(parts, body);
-        let run = std::panic::AssertUnwindSafe(chain::run(policy, &mut ex, &state.monitoring))
+        let run = AssertUnwindSafe(walk.run(policy, &mut ex))
             .catch_unwind()
-            .await;
-        // The client as the chain identified it (the policy's `monitoring.client_attribute`,
-        // by default `authentication.subject.id`, which the OAuth filters set once the client
-        // authenticated); resolved to a bounded label, so no raw value becomes a series.
-        let client = state
-            .monitoring
-            .client(ex.get(&policy.client_attribute).as_deref());
-        match run {
-            Ok(finished) => Ok((finished, client)),
-            Err(_) => {
-                // The panic hook has logged where it happened.
-                Err((
-                    error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        "the policy failed unexpectedly",
-                    ),
-                    client,
-                ))
-            }
-        }
+            .await
+            .ok();
+        Ok(Ending::of_walk(&state, policy, &ex, walk, run, started))
     };
-    let (response, outcome, trail, client) = match tokio::time::timeout_at(deadline, work).await {
-        Ok(Ok((f, client))) => (f.response, f.outcome, f.trail, client),
-        Ok(Err((r, client))) => {
-            let o = if r.status().is_server_error() {
-                Outcome::Exception
-            } else {
-                Outcome::Failure
-            };
-            (r, o, Vec::new(), client)
-        }
-        Err(_) if !body_read.load(std::sync::atomic::Ordering::Relaxed) => (
+    let ending = match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(ending) | Err(ending)) => ending,
+        Err(_) if !body_read.load(std::sync::atomic::Ordering::Relaxed) => Ending::early(
             closing(error(
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request",
                 "the request body did not arrive in time",
             )),
-            Outcome::Failure,
-            Vec::new(),
-            monitoring::ClientLabel::ANONYMOUS,
+            started,
         ),
-        Err(_) => (
+        Err(_) => Ending::early(
             error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
                 "the request took too long",
             ),
-            Outcome::Exception,
-            Vec::new(),
-            monitoring::ClientLabel::ANONYMOUS,
+            started,
         ),
     };
-    let elapsed = started.elapsed();
+    conclude(policy, ending)
+}
+
+/// The request body, within `max_body` bytes; or the answer to send instead.
+async fn read_body(body: Incoming, max_body: usize) -> Result<Bytes, Response> {
+    // The declared Content-Length, which hyper keeps as the body's exact size.
+    if body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n > max_body as u64)
+    {
+        return Err(too_large());
+    }
+    match Limited::new(body, max_body).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        // Broken framing (a bad chunk size): nothing after it on this connection can be
+        // trusted.
+        Err(_) => Err(closing(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the request body could not be read",
+        ))),
+    }
+}
+
+/// How a request ended, before it is counted and logged.
+struct Ending {
+    response: Response,
+    outcome: Outcome,
+    trail: Vec<u16>,
+    client: monitoring::ClientLabel,
+    elapsed: Duration,
+}
+
+impl Ending {
+    /// Answered before the chain ran (a body too large, too slow): no client known yet.
+    fn early(response: Response, started: Instant) -> Self {
+        let outcome = if response.status().is_server_error() {
+            Outcome::Exception
+        } else {
+            Outcome::Failure
+        };
+        Ending {
+            response,
+            outcome,
+            trail: Vec::new(),
+            client: monitoring::ClientLabel::ANONYMOUS,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// The end of a walk; `run` is `None` when a node panicked (the panic hook has logged
+    /// where). Records the walk's service contexts.
+    fn of_walk(
+        state: &State,
+        policy: &Policy,
+        ex: &Exchange,
+        walk: Walk,
+        run: Option<Finished>,
+        started: Instant,
+    ) -> Self {
+        // The walk's last clock read is the end of its last node: no need for another.
+        let end = run
+            .as_ref()
+            .and(walk.last_mark())
+            .unwrap_or_else(Instant::now);
+        let (response, outcome, trail) = match run {
+            Some(f) => {
+                walk.record(policy, ex, &state.monitoring, f.outcome);
+                (f.response, f.outcome, f.trail)
+            }
+            None => (
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the policy failed unexpectedly",
+                ),
+                Outcome::Exception,
+                Vec::new(),
+            ),
+        };
+        // The client as the chain identified it (the policy's `monitoring.client_attribute`,
+        // by default `authentication.subject.id`, which the OAuth filters set once the client
+        // authenticated); resolved to a bounded label, so no raw value becomes a series. Only
+        // the policy's own service context uses it.
+        let client = if policy.metrics.is_some() {
+            state
+                .monitoring
+                .client(ex.get(&policy.client_attribute).as_deref())
+        } else {
+            monitoring::ClientLabel::ANONYMOUS
+        };
+        Ending {
+            response,
+            outcome,
+            trail,
+            client,
+            elapsed: end - started,
+        }
+    }
+}
+
+/// Counts the request in the policy's service context, writes its log line, and hands the
+/// response to hyper.
+fn conclude(policy: &Policy, ending: Ending) -> http::Response<Body> {
     // `None` when the policy's `monitoring.enabled` is false.
     if let Some(service) = &policy.metrics {
-        service.record(client, outcome, elapsed);
+        service.record(ending.client, ending.outcome, ending.elapsed);
     }
     if tracing::enabled!(tracing::Level::INFO) {
-        let nodes: Vec<&str> = trail
+        let nodes: Vec<&str> = ending
+            .trail
             .iter()
             .map(|&i| &*policy.nodes[i as usize].name)
             .collect();
         tracing::info!(
             policy = %policy.name,
             nodes = %nodes.join(">"),
-            status = response.status().as_u16(),
-            micros = elapsed.as_micros() as u64,
+            status = ending.response.status().as_u16(),
+            micros = ending.elapsed.as_micros() as u64,
             "request"
         );
     }
-    to_hyper(response)
+    to_hyper(ending.response)
 }
 
 /// `host:port` -> `host`; `[v6]:port` -> `[v6]` (a bare `[v6]` stays whole).
@@ -316,11 +433,15 @@ fn closing(mut r: Response) -> Response {
 }
 
 /// The admin listener's handler.
-pub async fn admin(
+pub fn admin(
     state: Arc<State>,
     req: Request<Incoming>,
     _peer: SocketAddr,
-) -> http::Response<Body> {
+) -> BoxFuture<'static, http::Response<Body>> {
+    Box::pin(admin_answer(state, req))
+}
+
+async fn admin_answer(state: Arc<State>, req: Request<Incoming>) -> http::Response<Body> {
     let r = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => {
             json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))

@@ -233,13 +233,13 @@ impl ApplicationValidation {
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1 form-encodes both).
 pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
-    let v = std::str::from_utf8(value).ok()?.trim();
-    let (scheme, rest) = v.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
+    let v = value.trim_ascii();
+    let space = v.iter().position(|&b| b == b' ')?;
+    if !v[..space].eq_ignore_ascii_case(b"basic") {
         return None;
     }
     let decoded = base64::engine::general_purpose::STANDARD
-        .decode(rest.trim())
+        .decode(v[space + 1..].trim_ascii())
         .ok()?;
     let mut id = String::from_utf8(decoded).ok()?;
     let colon = id.bytes().position(|b| b == b':')?;

@@ -236,7 +236,8 @@ pub fn request_with_host(method: Method, path: &str, host: &str) -> http::reques
 }
 
 /// Filter kinds for tests that embed the engine (`PolicyDir::start_with(test_kinds::KINDS)`):
-/// `test_sleep` (`ms:`) sleeps then passes, `test_panic` panics.
+/// `test_sleep` (`ms:`) sleeps then passes, `test_panic` panics (`now: true`: without waiting,
+/// as a node of a kind that never waits would).
 pub mod test_kinds {
     use std::sync::Arc;
     use std::time::Duration;
@@ -283,20 +284,38 @@ pub mod test_kinds {
         Ok(Arc::new(Sleep(Duration::from_millis(c.ms))))
     }
 
-    struct Panic;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PanicConfig {
+        /// Panic in `on_request_now` (a node that never waits) instead of `on_request`.
+        #[serde(default)]
+        now: bool,
+    }
+
+    struct Panic {
+        now: bool,
+    }
 
     #[async_trait]
     impl Filter for Panic {
         async fn on_request(&self, _ex: &mut Exchange) -> Result<Flow, FilterError> {
             panic!("test_panic filter: deliberate panic");
         }
+
+        fn on_request_now(&self, _ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
+            if self.now {
+                panic!("test_panic filter: deliberate panic, without waiting");
+            }
+            None
+        }
     }
 
     fn build_panic(
-        _value: serde_yaml::Value,
+        value: serde_yaml::Value,
         _cx: &BuildContext,
     ) -> Result<SharedFilter, BuildError> {
-        Ok(Arc::new(Panic))
+        let c: PanicConfig = parse(value)?;
+        Ok(Arc::new(Panic { now: c.now }))
     }
 }
 

@@ -259,6 +259,12 @@ policies:
     chain:
       - { name: explode, type: test_panic }
       - { name: never, type: set_response, body: unreachable }
+  - name: boom-now
+    route: { path: /panic-now }
+    chain:
+      - { name: first, type: set_attribute, attribute: a, value: "1" }
+      - { name: explode, type: test_panic, now: true }
+      - { name: never, type: set_response, body: unreachable }
   - name: fine
     route: { path: /ok }
     chain: [{ name: r, type: set_response, body: fine }]
@@ -269,10 +275,14 @@ async fn a_panicking_filter_yields_500_and_the_server_keeps_serving() {
     let dir = PolicyDir::new(&[("p.yaml", PANIC)]);
     let gw = dir.start_with(test_kinds::KINDS).await;
     let a = gw.public_addr;
-    let r = get(a, "/panic").await;
-    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(r.header("content-type"), Some("application/json"));
-    assert_eq!(r.json()["error"], "server_error");
+    // A panic while the chain waits, and one in a node that answers without waiting (the
+    // request is then answered without a future): both are a 500.
+    for path in ["/panic", "/panic-now"] {
+        let r = get(a, path).await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.json()["error"], "server_error");
+    }
     let r = get(a, "/ok").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "fine");
@@ -283,7 +293,12 @@ async fn a_panicking_filter_yields_500_and_the_server_keeps_serving() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    for (path, status) in [("/panic", 500), ("/ok", 200), ("/panic", 500), ("/ok", 200)] {
+    for (path, status) in [
+        ("/panic", 500),
+        ("/ok", 200),
+        ("/panic-now", 500),
+        ("/ok", 200),
+    ] {
         sender.ready().await.expect("connection still open");
         let resp = sender
             .send_request(
