@@ -3,6 +3,7 @@
 # seconds, so the figures do not move with the other tenants of this VM):
 #   ceiling          the bare hyper server
 #   chain            the gateway on the bench's pass-through chain (3 set_attribute + set_response)
+#   chain-off        the same chain with the policy's monitoring off
 #   refresh          the gateway's refresh grant, monitoring on (policy + both grant nodes)
 #   refresh-off      the same with monitoring off
 # Each server runs under `valgrind --tool=callgrind` with one worker, driven by the bench's own
@@ -12,7 +13,7 @@
 # refresh grant) counts about 3,600 instructions that cost a few hundred cycles natively.
 #
 # Usage: bench/scripts/instructions-callgrind.sh [SECONDS]   (default 10; needs valgrind, curl)
-#   CASES="chain refresh"   run only these (the summary lines need all four)
+#   CASES="chain refresh"   run only these (the summary lines need all five)
 #   KEEP=DIR                keep each case's callgrind output as DIR/CASE.out for callgrind_annotate
 # Builds with: CARGO_TARGET_DIR=target-bench cargo build --release -p bench -p engine
 set -euo pipefail
@@ -30,7 +31,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # Policy sets: the chain, and the default token endpoint with monitoring on or off for the
 # policy and both grant nodes.
-for set in chain refresh refresh-off; do
+for set in chain chain-off refresh refresh-off; do
   mkdir -p "$work/$set"
   printf 'stores:\n  tokens: { type: memory }\napplications: { type: file, path: %s/clients.yaml }\n' "$work" > "$work/$set/gateway.yaml"
 done
@@ -44,6 +45,8 @@ policies:
       - { name: a3, type: set_attribute, attribute: bench.three, value: "3" }
       - { name: hello, type: set_response, status: 200, body: "Hello, World!" }
 YAML
+sed 's|    route: { path: /, methods: \[GET\] }|&\n    monitoring: { enabled: false }|' "$work/chain/chain.yaml" > "$work/chain-off/chain.yaml"
+grep -q 'enabled: false' "$work/chain-off/chain.yaml"
 for set in refresh refresh-off; do
   enabled=$([ "$set" = refresh ] && echo true || echo false)
   python3 - "$enabled" > "$work/$set/token.yaml" <<'PY'
@@ -63,7 +66,7 @@ id="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["client_id"])' 
 secret="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["client_secret"])' "$creds")"
 
 declare -A per
-for case in ${CASES:-ceiling chain refresh refresh-off}; do
+for case in ${CASES:-ceiling chain chain-off refresh refresh-off}; do
   port=$(free_port)
   if [ "$case" = ceiling ]; then
     server=("$bin/ceiling" "127.0.0.1:$port")
@@ -92,9 +95,10 @@ for case in ${CASES:-ceiling chain refresh refresh-off}; do
   echo "$case: ${per[$case]} instructions per request ($requests requests)"
 done
 [ -z "${CASES:-}" ] || exit 0
-python3 - "${per[ceiling]}" "${per[chain]}" "${per[refresh]}" "${per[refresh-off]}" <<'PY'
+python3 - "${per[ceiling]}" "${per[chain]}" "${per[chain-off]}" "${per[refresh]}" "${per[refresh-off]}" <<'PY'
 import sys
-ceiling, chain, on, off = map(int, sys.argv[1:])
+ceiling, chain, chain_off, on, off = map(int, sys.argv[1:])
 print(f"chain / ceiling = {chain/ceiling:.2f}; refresh / ceiling = {on/ceiling:.2f}")
+print(f"monitoring on / off (chain) = {chain/chain_off:.4f} ({(chain/chain_off-1)*100:+.2f}% instructions per request)")
 print(f"monitoring on / off (refresh) = {on/off:.4f} ({(on/off-1)*100:+.2f}% instructions per request)")
 PY
