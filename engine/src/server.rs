@@ -57,7 +57,7 @@ pub async fn serve<S, F>(
     state: Arc<State>,
     handler: S,
 ) where
-    S: Fn(Arc<State>, Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    S: Fn(&Arc<State>, Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = http::Response<Body>> + Send + Unpin + 'static,
 {
     // No hyper timer: its header read timeout arms a timer per request; `HeadGuard` keeps one
@@ -97,7 +97,9 @@ pub async fn serve<S, F>(
             served.request_started();
             let done = conn::Served(served.clone());
             // Not an async block: that would move the handler's future once more per request.
-            h(state2.clone(), req, peer).map(move |response| {
+            // The state by reference: a handler that answers at once touches no shared
+            // reference count (an `Arc` clone per request is a cache line both workers write).
+            h(&state2, req, peer).map(move |response| {
                 drop(done);
                 Ok::<_, Infallible>(response)
             })
@@ -135,8 +137,9 @@ pub async fn serve<S, F>(
 /// A request without a body whose chain never waits (a liveness answer, a chain of `set_*`
 /// nodes) is answered before this returns: no request future is built, boxed or moved. Any
 /// other request goes on in one boxed future ([`answer_later`]).
-pub fn public(state: Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
-    let runtime = state.runtime.load_full();
+pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
+    // A guard, not a clone: no shared reference count is written unless the request waits.
+    let runtime = state.runtime.load();
     let (parts, body) = req.into_parts();
     let index = match route(&runtime, &parts) {
         Ok(i) => i,
@@ -145,25 +148,31 @@ pub fn public(state: Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> A
     let started = Instant::now();
     let start = if body.is_end_stream() {
         let policy = &runtime.policies[index];
-        let _in_flight = state.monitoring.in_flight();
+        // Not counted in flight: it holds its worker for microseconds and never waits, so no
+        // scrape could see it pending (and the gauge is a cache line both workers write).
         let mut ex = Exchange::new(parts, Bytes::new());
         let mut walk = Walk::new(policy, started);
         match std::panic::catch_unwind(AssertUnwindSafe(|| walk.run_now(policy, &mut ex))) {
             Ok(None) => Start::Resume(Box::new(ex), walk),
             Ok(Some(finished)) => {
-                let ending = Ending::of_walk(&state, policy, &ex, walk, Some(finished), started);
+                let ending = Ending::of_walk(state, policy, &ex, walk, Some(finished), started);
                 return Either::Left(std::future::ready(conclude(policy, ending)));
             }
             Err(_) => {
-                let ending = Ending::of_walk(&state, policy, &ex, walk, None, started);
+                let ending = Ending::of_walk(state, policy, &ex, walk, None, started);
                 return Either::Left(std::future::ready(conclude(policy, ending)));
             }
         }
     } else {
         Start::Read(Box::new(Exchange::new(parts, Bytes::new())), body)
     };
+    let runtime = arc_swap::Guard::into_inner(runtime);
     Either::Right(Box::pin(answer_later(
-        state, runtime, index, start, started,
+        state.clone(),
+        runtime,
+        index,
+        start,
+        started,
     )))
 }
 
@@ -434,11 +443,11 @@ fn closing(mut r: Response) -> Response {
 
 /// The admin listener's handler.
 pub fn admin(
-    state: Arc<State>,
+    state: &Arc<State>,
     req: Request<Incoming>,
     _peer: SocketAddr,
 ) -> BoxFuture<'static, http::Response<Body>> {
-    Box::pin(admin_answer(state, req))
+    Box::pin(admin_answer(state.clone(), req))
 }
 
 async fn admin_answer(state: Arc<State>, req: Request<Incoming>) -> http::Response<Body> {

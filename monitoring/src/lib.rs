@@ -332,7 +332,10 @@ impl Monitoring {
             label_names: &["store", "op"],
             bounds_ns: &STORE_BUCKETS_NS,
         });
-        let in_flight = reg.gauge("gateway_requests_in_flight", "Requests being processed.");
+        let in_flight = reg.gauge(
+            "gateway_requests_in_flight",
+            "Requests being processed that have waited (for a body, a store, a timer).",
+        );
         let connections = reg.gauge(
             "gateway_connections_open",
             "Open client connections on the public listener.",
