@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use filters::{Exchange, FilterError, Flow, Response};
-use monitoring::{Monitoring, Outcome};
+use monitoring::{ClientLabel, Monitoring, Outcome};
 
 use crate::runtime::{Node, Policy};
 
@@ -94,8 +94,8 @@ impl Walk {
 
     /// Records the service contexts the walk went through (once per request each, with the
     /// composite around them), once the walk is over.
-    pub fn record(self, policy: &Policy, ex: &Exchange, monitoring: &Monitoring, overall: Outcome) {
-        self.contexts.record(policy, ex, monitoring, overall);
+    pub fn record<'a>(self, policy: &'a Policy, clients: &mut ClientLabels<'a>, overall: Outcome) {
+        self.contexts.record(policy, clients, overall);
     }
 
     /// Takes node `i`'s answer: records it and moves to the next node, or ends the walk.
@@ -198,19 +198,18 @@ impl Contexts {
         }
     }
 
-    fn record(self, policy: &Policy, ex: &Exchange, monitoring: &Monitoring, overall: Outcome) {
-        let mut composite = policy.composite.as_ref().map(|c| {
-            let client = ex.get(&policy.client_attribute);
-            c.scope(monitoring.client(client.as_deref()))
-        });
+    fn record<'a>(self, policy: &'a Policy, clients: &mut ClientLabels<'a>, overall: Outcome) {
+        let mut composite = policy
+            .composite
+            .as_ref()
+            .map(|c| c.scope(clients.of(&policy.client_attribute)));
         for (i, seen) in self.seen.into_iter().enumerate() {
             let Some((outcome, elapsed)) = seen else {
                 continue;
             };
             let ctx = &policy.contexts[i];
-            let client = ex.get(&ctx.client_attribute);
             ctx.metrics
-                .record(monitoring.client(client.as_deref()), outcome, elapsed);
+                .record(clients.of(&ctx.client_attribute), outcome, elapsed);
             if let Some(scope) = &mut composite {
                 scope.observe(outcome);
             }
@@ -221,6 +220,37 @@ impl Contexts {
             scope.observe(overall);
             let _ = scope.finish();
         }
+    }
+}
+
+/// The request's client label by attribute, for the policy and its service contexts: each
+/// names the attribute that identifies the client, usually the same one, which is then looked
+/// up and resolved once per request instead of once per context.
+pub struct ClientLabels<'a> {
+    ex: &'a Exchange,
+    monitoring: &'a Monitoring,
+    last: Option<(&'a str, ClientLabel)>,
+}
+
+impl<'a> ClientLabels<'a> {
+    pub fn new(ex: &'a Exchange, monitoring: &'a Monitoring) -> Self {
+        ClientLabels {
+            ex,
+            monitoring,
+            last: None,
+        }
+    }
+
+    /// The bounded label of the client named by `attribute` (see [`Monitoring::client`]).
+    pub fn of(&mut self, attribute: &'a str) -> ClientLabel {
+        if let Some((name, label)) = self.last
+            && name == attribute
+        {
+            return label;
+        }
+        let label = self.monitoring.client(self.ex.get(attribute).as_deref());
+        self.last = Some((attribute, label));
+        label
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::State;
-use crate::chain::{Finished, Walk};
+use crate::chain::{ClientLabels, Finished, Walk};
 use crate::config::Limits;
 use crate::conn;
 use crate::runtime::{Policy, RouteMatch, Runtime};
@@ -357,9 +357,10 @@ impl Ending {
             .as_ref()
             .and(walk.last_mark())
             .unwrap_or_else(Instant::now);
+        let mut clients = ClientLabels::new(ex, &state.monitoring);
         let (response, outcome, trail) = match run {
             Some(f) => {
-                walk.record(policy, ex, &state.monitoring, f.outcome);
+                walk.record(policy, &mut clients, f.outcome);
                 (f.response, f.outcome, f.trail)
             }
             None => (
@@ -377,9 +378,7 @@ impl Ending {
         // authenticated); resolved to a bounded label, so no raw value becomes a series. Only
         // the policy's own service context uses it.
         let client = if policy.metrics.is_some() {
-            state
-                .monitoring
-                .client(ex.get(&policy.client_attribute).as_deref())
+            clients.of(&policy.client_attribute)
         } else {
             monitoring::ClientLabel::ANONYMOUS
         };

@@ -1011,3 +1011,62 @@ async fn policy_monitoring_disabled_records_nothing_for_the_policy() {
         m.dump(svc)
     );
 }
+
+/// A policy whose own context and a node's context name different client attributes: each is
+/// labelled by its own (the engine resolves a client label once per attribute and request).
+const APART: &str = r#"
+policies:
+  - name: labelled-apart
+    service: apart
+    route: { path: /apart-token, methods: [POST] }
+    monitoring: { client_attribute: app.caller }
+    chain:
+      - name: caller
+        type: set_attribute
+        attribute: app.caller
+        value: "${http.header.x-caller}"
+      - name: grant
+        type: client_credentials
+        application_validation: { client_credentials_in: authorization_header }
+        access_token: { store: tokens, expiry_secs: 3600, length: 54, type: Bearer }
+        monitoring: { enabled: true, client_attribute: authentication.subject.id }
+"#;
+
+#[tokio::test]
+async fn a_policy_and_a_node_context_are_labelled_by_their_own_client_attributes() {
+    let dir = PolicyDir::new(&[
+        ("gateway.yaml", SETTINGS),
+        ("whoami.yaml", WHOAMI),
+        ("apart.yaml", APART),
+    ]);
+    let (id, secret) = add_client(dir.path(), "read", "client_credentials").await;
+    let gw = dir.start().await;
+    wait_known_client(&gw, &id).await;
+    let r = post_form(
+        gw.public_addr,
+        "/apart-token",
+        &[
+            ("authorization", &basic(&id, &secret)),
+            ("x-caller", "not-a-registered-id"),
+        ],
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = scrape(&gw).await;
+    let svc = "gateway_service_requests_total";
+    let count = |service: &str, client: &str| {
+        m.value(
+            svc,
+            &[
+                ("service", service),
+                ("client", client),
+                ("outcome", "success"),
+            ],
+        )
+    };
+    assert_eq!(count("grant", &id), Some(1.0), "{}", m.dump(svc));
+    assert_eq!(count("apart", "other"), Some(1.0), "{}", m.dump(svc));
+    assert_eq!(count("apart", &id), None, "{}", m.dump(svc));
+    gw.shutdown().await;
+}
