@@ -33,6 +33,9 @@ pub struct Finished {
 /// must wait.
 pub struct Walk {
     at: Option<usize>,
+    /// `run_now` stopped before node `at`: its filter declined to answer without waiting, so
+    /// the next step awaits it instead of asking again.
+    waiting: bool,
     /// The end of the last node, or the walk's start; `None` when no node records its time.
     /// One clock read serves as the end of a node and the start of the next.
     mark: Option<Instant>,
@@ -54,6 +57,7 @@ impl Walk {
             } else {
                 Some(0)
             },
+            waiting: false,
             mark: policy.times_nodes.then_some(start),
             keep_trail,
             trail: Vec::with_capacity(if keep_trail { policy.nodes.len() } else { 0 }),
@@ -65,7 +69,10 @@ impl Walk {
     /// that must wait: [`Walk::run`] goes on from it.
     pub fn run_now(&mut self, policy: &Policy, ex: &mut Exchange) -> Option<Finished> {
         while let Some(i) = self.at {
-            let flow = policy.nodes[i].filter.on_request_now(ex)?;
+            let Some(flow) = policy.nodes[i].filter.on_request_now(ex) else {
+                self.waiting = true;
+                return None;
+            };
             if let Some(finished) = self.after(policy, i, ex, flow) {
                 return Some(finished);
             }
@@ -73,12 +80,16 @@ impl Walk {
         Some(self.respond_pending(ex))
     }
 
-    /// Runs the walk to its end, awaiting the nodes that must wait.
+    /// Runs the walk to its end, awaiting the nodes that must wait. Each node is asked once:
+    /// one that declined in [`Walk::run_now`] is awaited, not asked again.
     pub async fn run(&mut self, policy: &Policy, ex: &mut Exchange) -> Finished {
         loop {
-            if let Some(finished) = self.run_now(policy, ex) {
+            if !self.waiting
+                && let Some(finished) = self.run_now(policy, ex)
+            {
                 return finished;
             }
+            self.waiting = false;
             let i = self.at.expect("run_now stops at a node");
             let flow = policy.nodes[i].filter.on_request(ex).await;
             if let Some(finished) = self.after(policy, i, ex, flow) {
@@ -94,8 +105,13 @@ impl Walk {
 
     /// Records the service contexts the walk went through (once per request each, with the
     /// composite around them), once the walk is over.
-    pub fn record<'a>(self, policy: &'a Policy, clients: &mut ClientLabels<'a>, overall: Outcome) {
-        self.contexts.record(policy, clients, overall);
+    pub fn record<'a>(
+        &mut self,
+        policy: &'a Policy,
+        clients: &mut ClientLabels<'a>,
+        overall: Outcome,
+    ) {
+        std::mem::take(&mut self.contexts).record(policy, clients, overall);
     }
 
     /// Takes node `i`'s answer: records it and moves to the next node, or ends the walk.
@@ -169,6 +185,7 @@ impl Walk {
 }
 
 /// Outcome and time of each service context that ran during one request.
+#[derive(Default)]
 struct Contexts {
     seen: Vec<Option<(Outcome, Duration)>>,
 }
@@ -224,8 +241,9 @@ impl Contexts {
 }
 
 /// The request's client label by attribute, for the policy and its service contexts: each
-/// names the attribute that identifies the client, usually the same one, which is then looked
-/// up and resolved once per request instead of once per context.
+/// names the attribute that identifies the client, usually the same one. The last attribute
+/// looked up is remembered, so the same attribute asked for in a row is looked up and resolved
+/// once.
 pub struct ClientLabels<'a> {
     ex: &'a Exchange,
     monitoring: &'a Monitoring,

@@ -152,14 +152,23 @@ pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> 
         // scrape could see it pending (and the gauge is a cache line both workers write).
         let mut ex = Exchange::new(parts, Bytes::new());
         let mut walk = Walk::new(policy, started);
-        match std::panic::catch_unwind(AssertUnwindSafe(|| walk.run_now(policy, &mut ex))) {
+        // The walk and its service contexts' recording, as in the waiting path.
+        let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let finished = walk.run_now(policy, &mut ex)?;
+            Some(Ending::of_walk(
+                state,
+                policy,
+                &ex,
+                &mut walk,
+                Some(finished),
+                started,
+            ))
+        }));
+        match run {
             Ok(None) => Start::Resume(Box::new(ex), walk),
-            Ok(Some(finished)) => {
-                let ending = Ending::of_walk(state, policy, &ex, walk, Some(finished), started);
-                return Either::Left(std::future::ready(conclude(policy, ending)));
-            }
+            Ok(Some(ending)) => return Either::Left(std::future::ready(conclude(policy, ending))),
             Err(_) => {
-                let ending = Ending::of_walk(state, policy, &ex, walk, None, started);
+                let ending = Ending::of_walk(state, policy, &ex, &mut walk, None, started);
                 return Either::Left(std::future::ready(conclude(policy, ending)));
             }
         }
@@ -260,11 +269,14 @@ async fn answer_later(
             }
         };
         body_read.store(true, std::sync::atomic::Ordering::Relaxed);
-        let run = AssertUnwindSafe(walk.run(policy, &mut ex))
-            .catch_unwind()
-            .await
-            .ok();
-        Ok(Ending::of_walk(&state, policy, &ex, walk, run, started))
+        // The walk and its service contexts' recording; a panic in either is a 500.
+        let run = AssertUnwindSafe(async {
+            let finished = walk.run(policy, &mut ex).await;
+            Ending::of_walk(&state, policy, &ex, &mut walk, Some(finished), started)
+        })
+        .catch_unwind()
+        .await;
+        Ok(run.unwrap_or_else(|_| Ending::of_walk(&state, policy, &ex, &mut walk, None, started)))
     };
     let ending = match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(ending) | Err(ending)) => ending,
@@ -348,7 +360,7 @@ impl Ending {
         state: &State,
         policy: &Policy,
         ex: &Exchange,
-        walk: Walk,
+        walk: &mut Walk,
         run: Option<Finished>,
         started: Instant,
     ) -> Self {

@@ -236,7 +236,8 @@ pub fn request_with_host(method: Method, path: &str, host: &str) -> http::reques
 }
 
 /// Filter kinds for tests that embed the engine (`PolicyDir::start_with(test_kinds::KINDS)`):
-/// `test_sleep` (`ms:`) sleeps then passes, `test_panic` panics (`now: true`: without waiting,
+/// `test_sleep` (`ms:`) sleeps then passes (and counts in `test.asked_now` how often the engine
+/// asked it to answer without waiting), `test_panic` panics (`now: true`: without waiting,
 /// as a node of a kind that never waits would).
 pub mod test_kinds {
     use std::sync::Arc;
@@ -273,6 +274,16 @@ pub mod test_kinds {
             tokio::time::sleep(self.0).await;
             ex.set("test.slept_ms", self.0.as_millis().to_string());
             Ok(Flow::Pass)
+        }
+
+        /// Declines (it must wait), counting in `test.asked_now` how often it was asked.
+        fn on_request_now(&self, ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
+            let asked = ex
+                .get("test.asked_now")
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0);
+            ex.set("test.asked_now", (asked + 1).to_string());
+            None
         }
     }
 

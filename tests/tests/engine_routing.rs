@@ -335,6 +335,12 @@ policies:
       - name: answer
         type: set_response
         body: "hi"
+  - name: nap-once
+    route: { path: /nap-once }
+    chain:
+      - { name: before, type: set_attribute, attribute: a, value: "1" }
+      - { name: nap, type: test_sleep, ms: 0 }
+      - { name: answer, type: set_response, body: "asked ${test.asked_now} a=${a}" }
   - name: slow
     route: { path: /slow }
     chain:
@@ -393,6 +399,18 @@ fn metric_value(text: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// A node that must wait is asked once whether it can answer at once (it declines), then
+/// awaited: the engine does not ask it again when the request goes on in its future.
+#[tokio::test]
+async fn a_waiting_node_is_asked_once_then_awaited() {
+    let dir = PolicyDir::new(&[("a.yaml", ADMIN)]);
+    let gw = dir.start_with(test_kinds::KINDS).await;
+    let r = get(gw.public_addr, "/nap-once").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "asked 1 a=1");
+    gw.shutdown().await;
 }
 
 #[tokio::test]
