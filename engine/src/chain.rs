@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use filters::{Exchange, FilterError, Flow, Response};
 use monitoring::{ClientLabel, Monitoring, Outcome};
+use smallvec::SmallVec;
 
 use crate::runtime::{Node, Policy};
 
@@ -187,18 +188,15 @@ impl Walk {
 /// Outcome and time of each service context that ran during one request.
 #[derive(Default)]
 struct Contexts {
-    seen: Vec<Option<(Outcome, Duration)>>,
+    /// Inline for up to two node-level contexts (the token endpoint has one): no allocation
+    /// per request for the usual policy.
+    seen: SmallVec<[Option<(Outcome, Duration)>; 2]>,
 }
 
 impl Contexts {
     fn new(policy: &Policy) -> Self {
-        // No allocation for the common policy without node-level contexts.
         Contexts {
-            seen: if policy.contexts.is_empty() {
-                Vec::new()
-            } else {
-                vec![None; policy.contexts.len()]
-            },
+            seen: smallvec::smallvec![None; policy.contexts.len()],
         }
     }
 
