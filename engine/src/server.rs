@@ -146,7 +146,7 @@ pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> 
         Err(response) => return Either::Left(std::future::ready(to_hyper(*response))),
     };
     let started = Instant::now();
-    let start = if body.is_end_stream() {
+    if body.is_end_stream() {
         let policy = &runtime.policies[index];
         // Not counted in flight: it holds its worker for microseconds and never waits, so no
         // scrape could see it pending (and the gauge is a cache line both workers write).
@@ -164,17 +164,28 @@ pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> 
                 started,
             ))
         }));
-        match run {
-            Ok(None) => Start::Resume(Box::new(ex), walk),
-            Ok(Some(ending)) => return Either::Left(std::future::ready(conclude(policy, ending))),
-            Err(_) => {
-                let ending = Ending::of_walk(state, policy, &ex, &mut walk, None, started);
-                return Either::Left(std::future::ready(conclude(policy, ending)));
+        let ending = match run {
+            Ok(Some(ending)) => ending,
+            Err(_) => Ending::of_walk(state, policy, &ex, &mut walk, None, started),
+            Ok(None) => {
+                let start = Start::Resume(Box::new(ex), walk);
+                return later(state, runtime, index, start, started);
             }
-        }
-    } else {
-        Start::Read(Box::new(Exchange::new(parts, Bytes::new())), body)
-    };
+        };
+        return Either::Left(std::future::ready(conclude(policy, ending)));
+    }
+    let start = Start::Read(Box::new(Exchange::new(parts, Bytes::new())), body);
+    later(state, runtime, index, start, started)
+}
+
+/// The request goes on in its future ([`answer_later`]), which owns what it needs.
+fn later(
+    state: &Arc<State>,
+    runtime: arc_swap::Guard<Arc<Runtime>>,
+    index: usize,
+    start: Start,
+    started: Instant,
+) -> Answer {
     let runtime = arc_swap::Guard::into_inner(runtime);
     Either::Right(Box::pin(answer_later(
         state.clone(),
