@@ -212,6 +212,21 @@ async fn wait_known_client(gw: &Gateway, id: &str) {
     }
 }
 
+/// Starts the engine on `files` (plus the monitoring settings and the `whoami` probe) with one
+/// client registered for `grants`, once its id is a client label; returns (id, secret).
+async fn start_with_client(
+    files: &[(&str, &str)],
+    grants: &str,
+) -> (PolicyDir, Gateway, String, String) {
+    let mut all = vec![("gateway.yaml", SETTINGS), ("whoami.yaml", WHOAMI)];
+    all.extend_from_slice(files);
+    let dir = PolicyDir::new(&all);
+    let (id, secret) = add_client(dir.path(), "read", grants).await;
+    let gw = dir.start().await;
+    wait_known_client(&gw, &id).await;
+    (dir, gw, id, secret)
+}
+
 async fn token_post(addr: SocketAddr, auth: &str, form: &[(&str, &str)]) -> Resp {
     post_form(addr, TOKEN, &[("authorization", auth)], form).await
 }
@@ -232,14 +247,12 @@ struct TokenSetup {
 
 impl TokenSetup {
     async fn new() -> TokenSetup {
-        let dir = PolicyDir::new(&[
-            ("gateway.yaml", SETTINGS),
-            ("token.yaml", &default_token_policy()),
-            ("whoami.yaml", WHOAMI),
-        ]);
-        let (id, secret) = add_client(dir.path(), "read", "client_credentials,refresh_token").await;
-        let gw = dir.start().await;
-        wait_known_client(&gw, &id).await;
+        let token = default_token_policy();
+        let (dir, gw, id, secret) = start_with_client(
+            &[("token.yaml", &token)],
+            "client_credentials,refresh_token",
+        )
+        .await;
         TokenSetup {
             _dir: dir,
             gw,
@@ -552,14 +565,7 @@ async fn checkout(addr: SocketAddr, client: &str, a: &str, b: &str) -> Resp {
 
 #[tokio::test]
 async fn node_service_contexts_and_a_composite_that_succeeds_only_if_all_succeed() {
-    let dir = PolicyDir::new(&[
-        ("gateway.yaml", SETTINGS),
-        ("shop.yaml", SHOP),
-        ("whoami.yaml", WHOAMI),
-    ]);
-    let (id, _secret) = add_client(dir.path(), "read", "client_credentials").await;
-    let gw = dir.start().await;
-    wait_known_client(&gw, &id).await;
+    let (_dir, gw, id, _) = start_with_client(&[("shop.yaml", SHOP)], "client_credentials").await;
     let addr = gw.public_addr;
 
     let m = scrape(&gw).await;
@@ -954,14 +960,8 @@ policies:
 /// Starts the engine on `POLICY_SETTINGS` with one registered client and sends one request
 /// with that client id to `path`.
 async fn policy_settings_engine(path: &str) -> (PolicyDir, Gateway, String) {
-    let dir = PolicyDir::new(&[
-        ("gateway.yaml", SETTINGS),
-        ("whoami.yaml", WHOAMI),
-        ("custom.yaml", POLICY_SETTINGS),
-    ]);
-    let (id, _) = add_client(dir.path(), "read", "client_credentials").await;
-    let gw = dir.start().await;
-    wait_known_client(&gw, &id).await;
+    let (dir, gw, id, _) =
+        start_with_client(&[("custom.yaml", POLICY_SETTINGS)], "client_credentials").await;
     let r = send(
         gw.public_addr,
         request(Method::GET, path)
@@ -1034,14 +1034,8 @@ policies:
 
 #[tokio::test]
 async fn a_policy_and_a_node_context_are_labelled_by_their_own_client_attributes() {
-    let dir = PolicyDir::new(&[
-        ("gateway.yaml", SETTINGS),
-        ("whoami.yaml", WHOAMI),
-        ("apart.yaml", APART),
-    ]);
-    let (id, secret) = add_client(dir.path(), "read", "client_credentials").await;
-    let gw = dir.start().await;
-    wait_known_client(&gw, &id).await;
+    let (_dir, gw, id, secret) =
+        start_with_client(&[("apart.yaml", APART)], "client_credentials").await;
     let r = post_form(
         gw.public_addr,
         "/apart-token",
