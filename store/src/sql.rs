@@ -1,8 +1,10 @@
 //! The SQL store (sqlx): SQLite for a durable store on one machine, PostgreSQL for a store
 //! shared by many gateway replicas. It can also hold the client application registry.
 //!
-//! Both dialects run the same statements (SQLite accepts `$1` placeholders and `RETURNING`);
-//! only the transaction start differs:
+//! Both dialects run the same statements (SQLite accepts `$1` placeholders and `RETURNING`),
+//! except the writes of an issue, which go in one round trip: one string of four statements on
+//! SQLite, one statement with data-modifying CTEs on PostgreSQL ([`WRITE_ISSUE_SQLITE`]). The
+//! transaction start differs too:
 //!
 //! - **SQLite**: WAL, `synchronous=FULL` (a committed rotation survives a power loss, so a
 //!   consumed token cannot come back), and every write transaction starts with
@@ -164,21 +166,41 @@ const CONSUME_REFRESH: &str = "UPDATE refresh_tokens SET consumed_at = $3 \
 const PROBE_REFRESH: &str = "SELECT client_id, consumed_at, revoked, expires_at, family, replay, replay_until \
      FROM refresh_tokens WHERE digest = $1";
 
-const INSERT_ACCESS: &str = "INSERT INTO access_tokens \
+/// The writes of one issue, in one round trip to the database:
+///
+/// - the access token (`$1`..`$9`);
+/// - the refresh token (`$10`..`$18`), when `$10` is not null;
+/// - on a rotation with a replay window, the sealed response the presented token (`$19`) keeps
+///   for its replay (`$20`, `$21`), when `$20` is not null;
+/// - on a rotation, the end of the replays of the family's (`$22`) older generations (below
+///   `$23`, the presented token's): only the immediate predecessor of the live token may replay.
+///
+/// SQLite runs the four statements of one string in one call on its connection's thread (one
+/// hand-off instead of four). PostgreSQL runs one statement per query, so there the first three
+/// are data-modifying CTEs; they touch different rows (the new token is generation `$23` + 1,
+/// the presented one `$23`, the cleared ones older), which is what a single statement needs.
+const WRITE_ISSUE_SQLITE: &str = "INSERT INTO access_tokens \
      (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-
-const INSERT_REFRESH: &str = "INSERT INTO refresh_tokens \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9); \
+     INSERT INTO refresh_tokens \
      (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+     SELECT $10, $11, $12, $13, $14, $15, $16, $17, $18 WHERE $10 IS NOT NULL; \
+     UPDATE refresh_tokens SET replay = $20, replay_until = $21 \
+     WHERE digest = $19 AND $20 IS NOT NULL; \
+     UPDATE refresh_tokens SET replay = NULL, replay_until = NULL \
+     WHERE family = $22 AND generation < $23 AND replay IS NOT NULL";
 
-const SET_REPLAY: &str =
-    "UPDATE refresh_tokens SET replay = $2, replay_until = $3 WHERE digest = $1";
-
-// Only the immediate predecessor of the live token may replay: rotating generation g clears
-// the replay of every older generation of the family.
-const CLEAR_OLDER_REPLAYS: &str = "UPDATE refresh_tokens SET replay = NULL, replay_until = NULL \
-     WHERE family = $1 AND generation < $2 AND replay IS NOT NULL";
+/// [`WRITE_ISSUE_SQLITE`] as one PostgreSQL statement.
+const WRITE_ISSUE_POSTGRES: &str = "WITH new_access AS (INSERT INTO access_tokens \
+     (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)), \
+     new_refresh AS (INSERT INTO refresh_tokens \
+     (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
+     SELECT $10, $11, $12, $13, $14, $15, $16, $17, $18 WHERE $10 IS NOT NULL), \
+     kept_replay AS (UPDATE refresh_tokens SET replay = $20, replay_until = $21 \
+     WHERE digest = $19 AND $20 IS NOT NULL) \
+     UPDATE refresh_tokens SET replay = NULL, replay_until = NULL \
+     WHERE family = $22 AND generation < $23 AND replay IS NOT NULL";
 
 const REVOKE_ACCESS: &str = "UPDATE access_tokens SET revoked = TRUE \
      WHERE digest = $1 AND revoked = FALSE AND expires_at > $2";
@@ -455,19 +477,48 @@ fn classify(probe: Option<ProbeRow>, client_id: &str, now: UnixTime) -> StoreRes
 }
 
 /// Binds the nine columns shared by both token tables, in INSERT_* order.
-macro_rules! bind_token {
-    ($sql:expr, $token:expr, $grant:expr, $meta:expr, $issued:expr, $family:expr, $gen:expr) => {
-        sqlx::query($sql)
-            .bind($token.digest.as_bytes().as_slice())
-            .bind($grant.client_id.as_str())
-            .bind($grant.subject.as_deref())
-            .bind($grant.scope.as_str())
-            .bind($meta)
-            .bind($issued)
-            .bind($token.expires_at)
+/// The query of [`WRITE_ISSUE_SQLITE`] or [`WRITE_ISSUE_POSTGRES`] with its parameters:
+/// `$issue`'s tokens under their grants, then the rotation's part (`None` on a first issue):
+/// the presented digest with its [`Replay`], and the family's bytes with the presented
+/// token's generation.
+macro_rules! write_issue {
+    ($self:expr, $issue:expr, $access_grant:expr, $access_meta:expr, $meta:expr, $family:expr,
+     $gen:expr, $replay:expr, $older:expr) => {{
+        let sql = match &$self.backend {
+            Backend::Sqlite { .. } => WRITE_ISSUE_SQLITE,
+            Backend::Postgres(_) => WRITE_ISSUE_POSTGRES,
+        };
+        let (replay, older): (Option<(&Digest, &Replay)>, Option<(&[u8], i64)>) = ($replay, $older);
+        sqlx::query(sql)
+            .bind($issue.access.digest.as_bytes().as_slice())
+            .bind($access_grant.client_id.as_str())
+            .bind($access_grant.subject.as_deref())
+            .bind($access_grant.scope.as_str())
+            .bind($access_meta)
+            .bind($issue.issued_at)
+            .bind($issue.access.expires_at)
             .bind($family.as_slice())
             .bind($gen)
-    };
+            .bind(
+                $issue
+                    .refresh
+                    .as_ref()
+                    .map(|r| r.digest.as_bytes().as_slice()),
+            )
+            .bind($issue.grant.client_id.as_str())
+            .bind($issue.grant.subject.as_deref())
+            .bind($issue.grant.scope.as_str())
+            .bind($meta)
+            .bind($issue.issued_at)
+            .bind($issue.refresh.as_ref().map(|r| r.expires_at))
+            .bind($family.as_slice())
+            .bind($gen)
+            .bind(replay.map(|(presented, _)| presented.as_bytes().as_slice()))
+            .bind(replay.map(|(_, r)| r.sealed.as_slice()))
+            .bind(replay.map(|(_, r)| r.until))
+            .bind(older.map(|(family, _)| family))
+            .bind(older.map(|(_, generation)| generation))
+    }};
 }
 
 #[async_trait]
@@ -486,16 +537,10 @@ impl TokenStore for SqlStore {
         let family = family_bytes(issue.family);
         let generation = i64::from(issue.generation);
         in_write_tx!(self, map_err, tx => {
-            bind_token!(INSERT_ACCESS, issue.access, access_grant, &access_meta, issue.issued_at, family, generation)
+            write_issue!(self, issue, access_grant, &access_meta, &meta, family, generation, None, None)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
-            if let Some(refresh) = issue.refresh {
-                bind_token!(INSERT_REFRESH, refresh, issue.grant, &meta, issue.issued_at, family, generation)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-            }
             tx.commit().await.map_err(map_err)
         })
     }
@@ -559,28 +604,9 @@ impl TokenStore for SqlStore {
             let access_meta = metadata_json(access_grant)?;
             let family = family_bytes(consumed.family);
             let generation = i64::from(consumed.generation) + 1;
-            bind_token!(INSERT_ACCESS, issue.access, access_grant, &access_meta, issue.issued_at, family, generation)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            if let Some(refresh) = issue.refresh {
-                bind_token!(INSERT_REFRESH, refresh, issue.grant, &meta, issue.issued_at, family, generation)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-            }
-            if let Some(replay) = &issue.replay {
-                sqlx::query(SET_REPLAY)
-                    .bind(presented.as_bytes().as_slice())
-                    .bind(replay.sealed.as_slice())
-                    .bind(replay.until)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-            }
-            sqlx::query(CLEAR_OLDER_REPLAYS)
-                .bind(family.as_slice())
-                .bind(i64::from(consumed.generation))
+            let replay = issue.replay.as_ref().map(|r| (presented, r));
+            let older = Some((family.as_slice(), i64::from(consumed.generation)));
+            write_issue!(self, issue, access_grant, &access_meta, &meta, family, generation, replay, older)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;

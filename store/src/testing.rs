@@ -226,6 +226,63 @@ pub async fn rotation_happy_path(store: SharedStore) {
     assert_eq!(second.family, pair.family);
 }
 
+/// A rotation may issue no new refresh token (`generate: false`) and give the access token a
+/// narrower scope than the grant: the access token is stored with its own scope, no refresh
+/// token is written, and the presented one is consumed either way.
+pub async fn rotation_without_refresh_and_narrowed_access(store: SharedStore) {
+    let now = crate::now();
+    let pair = issue_pair(&store, CLIENT, now).await;
+    let (mut next_issue, next) = successor(grant(CLIENT), now + 5, None);
+    next_issue.refresh = None;
+    next_issue.access_grant = Some(Arc::new(Grant {
+        scope: "read".to_owned(),
+        ..(*grant(CLIENT)).clone()
+    }));
+    match rotate(
+        &store,
+        &pair.refresh,
+        CLIENT,
+        now + 5,
+        &rotate_to(next_issue),
+    )
+    .await
+    {
+        RotateOutcome::Rotated { consumed } => assert_eq!(consumed.family, pair.family),
+        other => panic!("expected Rotated, got {other:?}"),
+    }
+    let access = lookup(&store, &next.access, now + 5)
+        .await
+        .expect("the new access token");
+    assert_eq!(
+        access.grant.scope, "read",
+        "the access token keeps its narrower scope"
+    );
+    assert_eq!(access.family, pair.family);
+    // The old access token and the new one; no refresh token is live.
+    assert_eq!(live(&store, now + 5).await, 2);
+    let unwritten = store
+        .rotate(&Digest::of(&next.refresh), CLIENT, now + 6, &|_| {
+            RotateDecision::Reject
+        })
+        .await
+        .expect("rotate");
+    assert!(
+        matches!(unwritten, RotateOutcome::Invalid),
+        "the refresh token that was not issued is unknown: {unwritten:?}"
+    );
+    // The presented token is consumed: presenting it again is a reuse.
+    let again = store
+        .rotate(&Digest::of(&pair.refresh), CLIENT, now + 6, &|_| {
+            RotateDecision::Reject
+        })
+        .await
+        .expect("rotate");
+    assert!(
+        matches!(again, RotateOutcome::AlreadyRotated { family, replay: None } if family == pair.family),
+        "a consumed token is told apart from an unknown one: {again:?}"
+    );
+}
+
 /// A refresh token presented by another client is refused and stays usable by its own.
 pub async fn wrong_client_leaves_token_intact(store: SharedStore) {
     let now = crate::now();

@@ -149,6 +149,7 @@ contract!(
     issue_and_lookup,
     expiry_refused_before_purge,
     rotation_happy_path,
+    rotation_without_refresh_and_narrowed_access,
     wrong_client_leaves_token_intact,
     reuse_after_rotation,
     reject_changes_nothing,
