@@ -476,7 +476,6 @@ fn classify(probe: Option<ProbeRow>, client_id: &str, now: UnixTime) -> StoreRes
     Ok(RotateOutcome::Invalid)
 }
 
-/// Binds the nine columns shared by both token tables, in INSERT_* order.
 /// The query of [`WRITE_ISSUE_SQLITE`] or [`WRITE_ISSUE_POSTGRES`] with its parameters:
 /// `$issue`'s tokens under their grants, then the rotation's part (`None` on a first issue):
 /// the presented digest with its [`Replay`], and the family's bytes with the presented
