@@ -260,23 +260,14 @@ pub async fn rotation_without_refresh_and_narrowed_access(store: SharedStore) {
     assert_eq!(access.family, pair.family);
     // The old access token and the new one; no refresh token is live.
     assert_eq!(live(&store, now + 5).await, 2);
-    let unwritten = store
-        .rotate(&Digest::of(&next.refresh), CLIENT, now + 6, &|_| {
-            RotateDecision::Reject
-        })
-        .await
-        .expect("rotate");
+    let reject = |_: &RefreshToken| RotateDecision::Reject;
+    let unwritten = rotate(&store, &next.refresh, CLIENT, now + 6, &reject).await;
     assert!(
         matches!(unwritten, RotateOutcome::Invalid),
         "the refresh token that was not issued is unknown: {unwritten:?}"
     );
     // The presented token is consumed: presenting it again is a reuse.
-    let again = store
-        .rotate(&Digest::of(&pair.refresh), CLIENT, now + 6, &|_| {
-            RotateDecision::Reject
-        })
-        .await
-        .expect("rotate");
+    let again = rotate(&store, &pair.refresh, CLIENT, now + 6, &reject).await;
     assert!(
         matches!(again, RotateOutcome::AlreadyRotated { family, replay: None } if family == pair.family),
         "a consumed token is told apart from an unknown one: {again:?}"
