@@ -162,6 +162,7 @@ impl ShardMap {
         let weight = |i: usize| (i as f64 / SHARDS as f64).exp2();
         let total: f64 = (0..SHARDS).map(weight).sum();
         let mut map = Box::new([0u8; SHARD_SLOTS]);
+        let mut slots = [0u16; SHARDS];
         let (mut shard, mut upto) = (0, weight(0));
         for (slot, s) in map.iter_mut().enumerate() {
             // Slot `slot` covers the keys around (slot + 0.5) / SHARD_SLOTS of the range.
@@ -171,10 +172,7 @@ impl ShardMap {
                 upto += weight(shard);
             }
             *s = shard as u8;
-        }
-        let mut slots = [0u16; SHARDS];
-        for &s in map.iter() {
-            slots[usize::from(s)] += 1;
+            slots[shard] += 1;
         }
         ShardMap {
             shard_of_slot: map,
@@ -302,9 +300,9 @@ impl MemoryStore {
     }
 
     /// Evicts the lowest-ranked entries of one shard (see [`Entry::eviction_rank`]): at least
-    /// `at_least` of them (as many as it holds), and a batch of 1/[`EVICTION_BATCH`] of an
-    /// average shard, so that the pass over the shard that finds them is paid once per batch
-    /// and not once per write. Returns how many went.
+    /// `at_least` of them (as many as it holds), and a batch of 1/[`EVICTION_BATCH`] of the
+    /// shard scaled to an equal share ([`ShardMap::batch`]), so that the pass over the shard
+    /// that finds them is paid once per batch and not once per write. Returns how many went.
     fn evict_batch(&self, shard: usize, at_least: u64, now: UnixTime) -> u64 {
         let mut table = locked(&self.shards[shard]);
         // Shards are written in proportion to their share of the keys (see [`ShardMap`]), so
