@@ -1,8 +1,9 @@
 //! Runs one request through its policy's chain of nodes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use filters::{Exchange, FilterError, Flow, Response};
+use monitoring::clock::Mark;
 use monitoring::{ClientLabel, Monitoring, Outcome};
 use smallvec::SmallVec;
 
@@ -39,7 +40,7 @@ pub struct Walk {
     waiting: bool,
     /// The end of the last node, or the walk's start; `None` when no node records its time.
     /// One clock read serves as the end of a node and the start of the next.
-    mark: Option<Instant>,
+    mark: Option<Mark>,
     /// Indices of the nodes visited; kept only when the request's log line is on.
     keep_trail: bool,
     trail: Vec<u16>,
@@ -49,7 +50,7 @@ pub struct Walk {
 impl Walk {
     /// A walk from the policy's first node; `start` is when its first node starts (the
     /// caller's clock read, when it has one).
-    pub fn new(policy: &Policy, start: Instant) -> Self {
+    pub fn new(policy: &Policy, start: Mark) -> Self {
         // The trail only feeds the request's log line: no allocation when that line is off.
         let keep_trail = tracing::enabled!(tracing::Level::INFO);
         Walk {
@@ -100,7 +101,7 @@ impl Walk {
     }
 
     /// When the last node ended, if the walk read the clock at all.
-    pub fn last_mark(&self) -> Option<Instant> {
+    pub fn last_mark(&self) -> Option<Mark> {
         self.mark
     }
 
@@ -129,8 +130,8 @@ impl Walk {
         }
         let elapsed = match &mut self.mark {
             Some(mark) => {
-                let now = Instant::now();
-                let elapsed = now - *mark;
+                let now = Mark::now();
+                let elapsed = mark.until(now);
                 *mark = now;
                 elapsed
             }

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use filters::{Exchange, Response, json_response};
@@ -17,6 +17,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use monitoring::Outcome;
+use monitoring::clock::Mark;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -60,6 +61,8 @@ pub async fn serve<S, F>(
     S: Fn(&Arc<State>, Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = http::Response<Body>> + Send + Unpin + 'static,
 {
+    // The durations' clock calibrates once, before the first request rather than in it.
+    monitoring::clock::calibrate();
     // No hyper timer: its header read timeout arms a timer per request; `HeadGuard` keeps one
     // per connection (see conn.rs).
     let head_timeout = Duration::from_secs(limits.header_read_timeout_secs.max(1));
@@ -145,7 +148,7 @@ pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> 
         Ok(i) => i,
         Err(response) => return Either::Left(std::future::ready(to_hyper(*response))),
     };
-    let started = Instant::now();
+    let started = Mark::now();
     if body.is_end_stream() {
         let policy = &runtime.policies[index];
         // Not counted in flight: it holds its worker for microseconds and never waits, so no
@@ -184,7 +187,7 @@ fn later(
     runtime: arc_swap::Guard<Arc<Runtime>>,
     index: usize,
     start: Start,
-    started: Instant,
+    started: Mark,
 ) -> Answer {
     let runtime = arc_swap::Guard::into_inner(runtime);
     Either::Right(Box::pin(answer_later(
@@ -258,13 +261,15 @@ async fn answer_later(
     runtime: Arc<Runtime>,
     index: usize,
     start: Start,
-    started: Instant,
+    started: Mark,
 ) -> http::Response<Body> {
     let policy = &runtime.policies[index];
     let limits = &runtime.settings.limits;
     let _in_flight = state.monitoring.in_flight();
-    let deadline = tokio::time::Instant::from_std(started)
-        + Duration::from_secs(limits.request_timeout_secs.max(1));
+    // From now: the request's own start is a measuring mark, not a clock a timer runs on, and
+    // only the synchronous nodes (microseconds) may have run since.
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(limits.request_timeout_secs.max(1));
     let max_body = limits.max_body_bytes;
     // Set once the body is in: a deadline that fires before is the client's delay (408), after
     // it ours (504). One timer per request covers both.
@@ -276,7 +281,7 @@ async fn answer_later(
                 ex.body = read_body(body, max_body)
                     .await
                     .map_err(|r| Ending::early(r, started))?;
-                (ex, Walk::new(policy, Instant::now()))
+                (ex, Walk::new(policy, Mark::now()))
             }
         };
         body_read.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -350,7 +355,7 @@ struct Ending {
 
 impl Ending {
     /// Answered before the chain ran (a body too large, too slow): no client known yet.
-    fn early(response: Response, started: Instant) -> Self {
+    fn early(response: Response, started: Mark) -> Self {
         let outcome = if response.status().is_server_error() {
             Outcome::Exception
         } else {
@@ -373,13 +378,10 @@ impl Ending {
         ex: &Exchange,
         walk: &mut Walk,
         run: Option<Finished>,
-        started: Instant,
+        started: Mark,
     ) -> Self {
         // The walk's last clock read is the end of its last node: no need for another.
-        let end = run
-            .as_ref()
-            .and(walk.last_mark())
-            .unwrap_or_else(Instant::now);
+        let end = run.as_ref().and(walk.last_mark()).unwrap_or_else(Mark::now);
         let mut clients = ClientLabels::new(ex, &state.monitoring);
         let (response, outcome, trail) = match run {
             Some(f) => {
@@ -410,7 +412,7 @@ impl Ending {
             outcome,
             trail,
             client,
-            elapsed: end - started,
+            elapsed: started.until(end),
         }
     }
 }

@@ -3,8 +3,7 @@
 
 use std::sync::Arc;
 
-use std::time::Instant;
-
+use monitoring::clock::Mark;
 use monitoring::{Monitoring, StoreOpMetrics};
 use serde::Deserialize;
 
@@ -77,7 +76,7 @@ impl FilterMonitor {
         if !self.config.enabled {
             return f.await;
         }
-        let started = Instant::now();
+        let started = Mark::now();
         let out = f.await;
         self.ops[op as usize].record(started.elapsed());
         out

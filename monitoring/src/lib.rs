@@ -95,6 +95,7 @@
 #![forbid(unsafe_code)]
 
 mod clients;
+pub mod clock;
 mod dashboard;
 mod family;
 pub mod logging;

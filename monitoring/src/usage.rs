@@ -1,10 +1,11 @@
 //! Service, composite and filter-node usage: pre-resolved handles for the hot path.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::Outcome;
 use crate::clients::{ClientLabel, Clients};
+use crate::clock::Mark;
 use crate::family::{Cell, TimedFamily};
 
 /// The three series (one per outcome) of a family, fetched once.
@@ -106,7 +107,7 @@ impl CompositeMetrics {
         CompositeScope {
             metrics: self.clone(),
             client,
-            started: Instant::now(),
+            started: Mark::now(),
             outcome: Outcome::Success,
             services: 0,
         }
@@ -128,7 +129,7 @@ impl CompositeMetrics {
 pub struct CompositeScope {
     metrics: CompositeMetrics,
     client: ClientLabel,
-    started: Instant,
+    started: Mark,
     outcome: Outcome,
     services: u32,
 }
