@@ -3,13 +3,16 @@
 //! [`HeadGuard`] bounds the time a connection may take to send a request head, counted from the
 //! moment it starts waiting for one: a new connection, or a keep-alive connection whose chain
 //! has answered (the answer's write counts in that time, so a client that stops reading its
-//! answer is cut too). Slow headers (slowloris) and idle keep-alive connections are both cut at
-//! `header_read_timeout_secs`. hyper's own `header_read_timeout` does the same but allocates,
-//! registers and cancels a timer for every request; here each connection owns one timer, and a
-//! request only moves its deadline later, which tokio does without touching the timer wheel
-//! (unless the previous deadline already fired, after a request longer than the timeout).
-//! While a request is being served (its body read, its chain run) the guard is off: the request
-//! timeout bounds that part.
+//! answer is cut too). Slow headers (slowloris) and idle keep-alive connections are both cut
+//! between `header_read_timeout_secs` and a quarter more. While a request is being served (its
+//! body read, its chain run) the guard is off: the request timeout bounds that part.
+//!
+//! hyper's own `header_read_timeout` arms, registers and cancels a timer for every request;
+//! moving one timer's deadline per request still reads the clock and updates the timer each
+//! time. Here the clock is not read per request at all: each connection owns one timer that
+//! ticks every quarter of the timeout, and a tick cuts the connection when it has been waiting
+//! for the same head since [`TICKS`] ticks before. Requests only bump the [`Phase`] counter
+//! the ticks compare.
 //!
 //! [`until_drained`] asks a connection to finish gracefully once the listener shuts down,
 //! looking at the shutdown signal with one atomic load per poll instead of polling a watch
@@ -60,46 +63,69 @@ impl Drop for Served {
     }
 }
 
+/// Ticks per timeout: a connection waiting for a head is cut after `TICKS` ticks with no
+/// request, i.e. between the timeout and `(TICKS + 1) / TICKS` of it.
+pub const TICKS: u32 = 4;
+
 /// I/O that fails a read with `TimedOut` once a request head has been awaited longer than the
 /// timeout. hyper then closes the connection.
 pub struct HeadGuard<T> {
     io: T,
     phase: Arc<Phase>,
-    timeout: Duration,
+    tick: Duration,
     timer: Pin<Box<Sleep>>,
-    /// The phase the timer's deadline belongs to.
-    armed_for: Option<u32>,
+    /// The phase the last tick saw, and how many ticks in a row have seen it while waiting.
+    seen: u32,
+    quiet: u32,
+    /// The timer has been polled since its deadline was set, so it holds this task's waker.
+    registered: bool,
 }
 
 impl<T> HeadGuard<T> {
     pub fn new(io: T, phase: Arc<Phase>, timeout: Duration) -> Self {
+        let tick = (timeout / TICKS).max(Duration::from_millis(1));
         HeadGuard {
             io,
+            seen: phase.current(),
             phase,
-            timeout,
-            timer: Box::pin(tokio::time::sleep(timeout)),
-            armed_for: None,
+            tick,
+            timer: Box::pin(tokio::time::sleep(tick)),
+            quiet: 0,
+            registered: false,
         }
     }
-}
 
-impl<T> HeadGuard<T> {
-    /// Ready once the connection has waited for a request head longer than the timeout. The
-    /// first call of a wait starts its deadline and registers the task with the timer; the
-    /// answer's write is such a call, because hyper may not read again before it is woken.
+    /// Ready once the connection has waited for the same request head through [`TICKS`]
+    /// ticks. Between ticks this is one check of the timer's state, no clock read.
     fn head_overdue(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let phase = self.phase.current();
-        if phase % 2 == 1 {
-            // A request is being served; the request timeout covers its body.
-            return Poll::Pending;
+        loop {
+            if self.registered && !self.timer.is_elapsed() {
+                return Poll::Pending;
+            }
+            // Unconstrained: tokio's cooperative budget must never refuse this poll, or the
+            // timer would be left without a waker and the connection never cut.
+            let fired = Pin::new(&mut tokio::task::unconstrained(self.timer.as_mut()))
+                .poll(cx)
+                .is_ready();
+            if !fired {
+                self.registered = true;
+                return Poll::Pending;
+            }
+            let phase = self.phase.current();
+            if phase.is_multiple_of(2) && phase == self.seen {
+                self.quiet += 1;
+                if self.quiet >= TICKS {
+                    return Poll::Ready(());
+                }
+            } else {
+                // A request started or ended since the last tick (or one is being served,
+                // which the request timeout covers): the wait starts over.
+                self.seen = phase;
+                self.quiet = 0;
+            }
+            self.timer.as_mut().reset(Instant::now() + self.tick);
+            self.registered = false;
         }
-        if self.armed_for != Some(phase) {
-            self.armed_for = Some(phase);
-            self.timer.as_mut().reset(Instant::now() + self.timeout);
-        }
-        // Polled every time, not only when armed: a poll can be refused by tokio's cooperative
-        // budget before it registers the task, and the timer must always have a waker.
-        self.timer.as_mut().poll(cx)
     }
 }
 
@@ -187,4 +213,68 @@ pub async fn until_drained<F: Future>(
         conn.as_mut().poll(cx)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+
+    /// Reads from a guarded stream whose peer never writes, until the guard cuts it; returns
+    /// how long that took.
+    async fn time_to_cut(guard: &mut HeadGuard<TokioIo<tokio::io::DuplexStream>>) -> Duration {
+        let started = Instant::now();
+        let mut bytes = [std::mem::MaybeUninit::<u8>::uninit(); 16];
+        let result = std::future::poll_fn(|cx| {
+            let mut buf = hyper::rt::ReadBuf::uninit(&mut bytes);
+            Pin::new(&mut *guard).poll_read(cx, buf.unfilled())
+        })
+        .await;
+        let e = result.expect_err("the peer never writes: only the guard ends the read");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_cut_between_the_timeout_and_a_quarter_more() {
+        let (_peer, io) = tokio::io::duplex(64);
+        let timeout = Duration::from_secs(8);
+        let mut guard = HeadGuard::new(TokioIo::new(io), Arc::new(Phase::default()), timeout);
+        let took = time_to_cut(&mut guard).await;
+        assert!(
+            took >= timeout && took <= timeout + timeout / TICKS,
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_restart_the_wait_and_a_served_request_is_never_cut() {
+        let (_peer, io) = tokio::io::duplex(64);
+        let timeout = Duration::from_secs(8);
+        let phase = Arc::new(Phase::default());
+        let mut guard = HeadGuard::new(TokioIo::new(io), phase.clone(), timeout);
+        let activity = async {
+            // A request every 5 s for 40 s (five timeouts), then one served for 20 s.
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                phase.request_started();
+                phase.request_done();
+            }
+            phase.request_started();
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            phase.request_done();
+            Instant::now()
+        };
+        let start = Instant::now();
+        let (took, last) = tokio::join!(time_to_cut(&mut guard), activity);
+        let since_last = (start + took) - last;
+        assert!(
+            took > Duration::from_secs(60),
+            "cut while busy, after {took:?}"
+        );
+        assert!(
+            since_last >= timeout && since_last <= timeout + timeout / TICKS,
+            "cut {since_last:?} after the last request"
+        );
+    }
 }

@@ -64,7 +64,7 @@ pub async fn serve<S, F>(
     // The durations' clock calibrates once, before the first request rather than in it.
     monitoring::clock::calibrate();
     // No hyper timer: its header read timeout arms a timer per request; `HeadGuard` keeps one
-    // per connection (see conn.rs).
+    // per connection that ticks four times per timeout (see conn.rs).
     let head_timeout = Duration::from_secs(limits.header_read_timeout_secs.max(1));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.max_headers(limits.max_headers)
