@@ -7,12 +7,14 @@
 //! are set by filters.
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
+use smallvec::SmallVec;
 
 /// A parsed `application/x-www-form-urlencoded` or query string, keeping every occurrence:
 /// RFC 6749 §3.2 forbids repeated parameters, so filters need to see repeats to refuse them.
@@ -161,9 +163,26 @@ impl Default for PendingResponse {
     }
 }
 
-/// An attribute's name or value: a constant of the code, text shared with the policy node
-/// that set it (a configured name, a constant template), or text made for this request. The
-/// first two cost no allocation per request.
+/// Text of the configuration that requests carry as [`Text::Static`]: attribute names and
+/// constant values set by policy nodes. Each distinct string is allocated once for the life of
+/// the process and never freed, so a request copies a pointer instead of writing an `Arc`'s
+/// reference count (two locked instructions per attribute set and dropped, on a cache line
+/// every worker writes). A reload with the same strings adds nothing; only strings never seen
+/// before take memory. Cold path: called when policies are built, never per request.
+pub fn intern(s: &str) -> &'static str {
+    static TABLE: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&known) = table.get(s) {
+        return known;
+    }
+    let new: &'static str = Box::leak(Box::from(s));
+    table.insert(new);
+    new
+}
+
+/// An attribute's name or value: a constant of the code or of the configuration ([`intern`]),
+/// text shared with the node that set it, or text made for this request. The first two cost
+/// no allocation per request.
 #[derive(Clone)]
 pub enum Text {
     Static(&'static str),
@@ -215,8 +234,9 @@ pub struct Exchange {
     pub body: Bytes,
     pub response: PendingResponse,
     /// Attributes set by filters, as (name, value); names are the YAML names. A request
-    /// carries a handful, so a scan of a vector beats hashing every name.
-    attributes: Vec<(Text, Text)>,
+    /// carries a handful, so a scan beats hashing every name, and the first four are kept
+    /// inline: no allocation per request for the usual chain (the token endpoint sets three).
+    attributes: SmallVec<[(Text, Text); 4]>,
     query: OnceLock<Params>,
     /// `None` when the body is not declared a form.
     form: OnceLock<Option<Params>>,
@@ -228,7 +248,7 @@ impl Exchange {
             request,
             body,
             response: PendingResponse::default(),
-            attributes: Vec::new(),
+            attributes: SmallVec::new(),
             query: OnceLock::new(),
             form: OnceLock::new(),
         }
@@ -481,6 +501,28 @@ mod tests {
         let ex = exchange("/", &[], "a=1");
         assert!(!ex.is_form());
         assert_eq!(ex.form().single("a"), Param::Missing);
+    }
+
+    #[test]
+    fn interned_text_is_allocated_once_per_distinct_string() {
+        let owned = String::from("bench.interned");
+        let a = intern(&owned);
+        let b = intern("bench.interned");
+        assert_eq!(a, "bench.interned");
+        assert!(
+            std::ptr::eq(a, b),
+            "the same string gives the same allocation"
+        );
+        assert!(
+            !std::ptr::eq(a.as_ptr(), owned.as_ptr()),
+            "a copy, not the caller's"
+        );
+        let c = intern("bench.interned2");
+        assert_eq!(c, "bench.interned2");
+        assert!(!std::ptr::eq(a, c));
+        let mut ex = exchange("/", &[], "");
+        ex.set(a, c);
+        assert_eq!(ex.get("bench.interned").as_deref(), Some("bench.interned2"));
     }
 
     #[test]

@@ -184,7 +184,7 @@ impl ApplicationValidation {
         &self,
         ex: &mut Exchange,
         grant: GrantType,
-        client_attribute: &Arc<str>,
+        client_attribute: &'static str,
     ) -> Result<Result<Arc<ClientApplication>, OAuthError>, FilterError> {
         if !ex.is_form() {
             return Ok(Err(OAuthError::new(
@@ -220,7 +220,7 @@ impl ApplicationValidation {
         // One copy of the id for both attributes; the attribute's name is the policy's.
         let id: Arc<str> = Arc::from(app.client_id.as_str());
         ex.set("oauth.client_id", id.clone());
-        ex.set(client_attribute.clone(), id);
+        ex.set(client_attribute, id);
         if !app.allows_grant(grant.as_str()) {
             return Ok(Err(OAuthError::new(
                 ErrorCode::UnauthorizedClient,

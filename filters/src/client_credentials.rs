@@ -86,7 +86,7 @@ impl ClientCredentials {
     }
 
     async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let attribute = &self.base.client_attribute;
+        let attribute = self.base.client_attribute;
         let app = match self
             .base
             .validation

@@ -2,7 +2,6 @@
 //! generation, scopes, and the access-token settings of the product documents.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
@@ -253,9 +252,9 @@ pub struct GrantBase {
     pub access: AccessTokenConfig,
     pub metadata: Metadata,
     pub monitor: crate::monitor::FilterMonitor,
-    /// The monitoring settings' attribute that identifies the client, shared with every
-    /// request that sets it.
-    pub client_attribute: Arc<str>,
+    /// The monitoring settings' attribute that identifies the client, interned: every request
+    /// that sets it carries the same text.
+    pub client_attribute: &'static str,
 }
 
 impl GrantBase {
@@ -273,7 +272,7 @@ impl GrantBase {
         let validation = crate::client_auth::ApplicationValidation::build(validation, cx)?;
         let monitor = crate::monitor::FilterMonitor::new(monitoring, &access.store, cx);
         Ok(GrantBase {
-            client_attribute: monitor.config.client_attribute.as_str().into(),
+            client_attribute: crate::attributes::intern(&monitor.config.client_attribute),
             validation,
             store,
             access,

@@ -160,7 +160,7 @@ impl RefreshAccessToken {
     }
 
     async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let attribute = &self.base.client_attribute;
+        let attribute = self.base.client_attribute;
         let app = match self
             .base
             .validation

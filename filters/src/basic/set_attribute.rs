@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::attributes::intern;
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::template::Template;
 use crate::{Exchange, FilterError, Flow, SharedFilter, SyncFilter};
@@ -16,9 +17,15 @@ pub struct Config {
 }
 
 struct SetAttribute {
-    /// Shared with every request that sets it (no copy per request).
-    attribute: Arc<str>,
-    value: Template,
+    /// Interned: every request that sets it carries the same text (no copy, no count).
+    attribute: &'static str,
+    value: Value,
+}
+
+enum Value {
+    /// A template without `${...}`, interned like the name.
+    Constant(&'static str),
+    Template(Template),
 }
 
 pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilter, BuildError> {
@@ -35,17 +42,26 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
             "`http.*` attributes are read from the request and cannot be set",
         ));
     }
-    let value = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
+    let template = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
+    let value = match template.constant() {
+        Some(text) => Value::Constant(intern(text)),
+        None => Value::Template(template),
+    };
     Ok(Arc::new(SetAttribute {
-        attribute: c.attribute.into(),
+        attribute: intern(&c.attribute),
         value,
     }))
 }
 
 impl SyncFilter for SetAttribute {
     fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let v = self.value.render_text(ex);
-        ex.set(self.attribute.clone(), v);
+        match &self.value {
+            Value::Constant(v) => ex.set(self.attribute, *v),
+            Value::Template(t) => {
+                let v = t.render_text(ex);
+                ex.set(self.attribute, v)
+            }
+        }
         Ok(Flow::Pass)
     }
 }
