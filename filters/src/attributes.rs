@@ -163,12 +163,13 @@ impl Default for PendingResponse {
     }
 }
 
-/// Text of the configuration that requests carry as [`Text::Static`]: attribute names and
-/// constant values set by policy nodes. Each distinct string is allocated once for the life of
-/// the process and never freed, so a request copies a pointer instead of writing an `Arc`'s
-/// reference count (two locked instructions per attribute set and dropped, on a cache line
-/// every worker writes). A reload with the same strings adds nothing; only strings never seen
-/// before take memory. Cold path: called when policies are built, never per request.
+/// Attribute names from the configuration, which requests carry as [`Text::Static`]. Each
+/// distinct name is allocated once for the life of the process and never freed, so a request
+/// copies a pointer instead of writing an `Arc`'s reference count (two locked instructions per
+/// attribute set and dropped, on a cache line every worker writes). Names are few and stable:
+/// a reload with the same names adds nothing. Values are never interned: they may be secrets
+/// (a key set from `${ENV}`) that must not outlive the policy set that holds them, and they
+/// change with reloads. Cold path: called when policies are built, never per request.
 pub fn intern(s: &str) -> &'static str {
     static TABLE: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
     let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,9 +181,9 @@ pub fn intern(s: &str) -> &'static str {
     new
 }
 
-/// An attribute's name or value: a constant of the code or of the configuration ([`intern`]),
-/// text shared with the node that set it, or text made for this request. The first two cost
-/// no allocation per request.
+/// An attribute's name or value: a constant of the code, a configured name ([`intern`]), text
+/// shared with the node that set it (a constant template), or text made for this request.
+/// Only the last costs an allocation per request.
 #[derive(Clone)]
 pub enum Text {
     Static(&'static str),

@@ -73,15 +73,6 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
     }
 
-    /// The text of a template without attribute references; `None` when it has one.
-    pub fn constant(&self) -> Option<&str> {
-        match self.parts.as_slice() {
-            [] => Some(""),
-            [Part::Literal(s)] => Some(s),
-            _ => None,
-        }
-    }
-
     /// The rendered text; a constant template shares its text instead of copying it.
     pub fn render_text(&self, ex: &Exchange) -> Text {
         match self.parts.as_slice() {

@@ -30,12 +30,8 @@ pub(crate) struct Cell {
 }
 
 impl Cell {
+    /// `bounds_ns` has fewer than [`MAX_COUNTS`] entries ([`TimedFamily::new`] checks).
     fn new(bounds_ns: &'static [u64]) -> Self {
-        assert!(
-            bounds_ns.len() < MAX_COUNTS,
-            "a histogram has at most {} bounds",
-            MAX_COUNTS - 1
-        );
         Cell {
             bounds_ns,
             sum_ns: AtomicU64::new(0),
@@ -93,6 +89,12 @@ pub(crate) struct FamilyDef {
 
 impl TimedFamily {
     pub(crate) fn new(def: FamilyDef) -> prometheus::Result<Self> {
+        // Checked when the family is defined (at start-up), not when its first series is made.
+        assert!(
+            def.bounds_ns.len() < MAX_COUNTS,
+            "a histogram has at most {} bounds",
+            MAX_COUNTS - 1
+        );
         let labels: Vec<String> = def.label_names.iter().map(|l| l.to_string()).collect();
         let desc = |(name, help): (&str, &str)| {
             Desc::new(name.into(), help.into(), labels.clone(), HashMap::new())

@@ -405,7 +405,7 @@ async fn idle_connections_are_closed_at_the_header_read_timeout() {
 async fn a_busy_keep_alive_connection_outlives_the_header_read_timeout() {
     use tokio::io::AsyncReadExt;
     let (_dir, gw) = gateway().await;
-    // Each wait for a head has its own deadline: a connection that keeps sending requests,
+    // Each request starts the wait for a head over: a connection that keeps sending requests,
     // one every 200 ms for 2 s (twice header_read_timeout_secs), is never cut.
     let mut s = tokio::net::TcpStream::connect(gw.public_addr)
         .await

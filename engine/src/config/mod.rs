@@ -64,7 +64,7 @@ impl std::error::Error for ConfigErrors {}
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Time allowed for a client to send the request head (slowloris guard), counted from
-    /// when the connection starts waiting for one; the cut comes within a quarter more.
+    /// when the connection starts waiting for one; the cut comes within about a quarter more.
     pub header_read_timeout_secs: u64,
     /// Request line and headers together; beyond it: 431.
     pub max_header_bytes: usize,

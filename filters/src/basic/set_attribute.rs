@@ -19,13 +19,7 @@ pub struct Config {
 struct SetAttribute {
     /// Interned: every request that sets it carries the same text (no copy, no count).
     attribute: &'static str,
-    value: Value,
-}
-
-enum Value {
-    /// A template without `${...}`, interned like the name.
-    Constant(&'static str),
-    Template(Template),
+    value: Template,
 }
 
 pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilter, BuildError> {
@@ -42,11 +36,7 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
             "`http.*` attributes are read from the request and cannot be set",
         ));
     }
-    let template = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
-    let value = match template.constant() {
-        Some(text) => Value::Constant(intern(text)),
-        None => Value::Template(template),
-    };
+    let value = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
     Ok(Arc::new(SetAttribute {
         attribute: intern(&c.attribute),
         value,
@@ -55,13 +45,8 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
 
 impl SyncFilter for SetAttribute {
     fn run(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        match &self.value {
-            Value::Constant(v) => ex.set(self.attribute, *v),
-            Value::Template(t) => {
-                let v = t.render_text(ex);
-                ex.set(self.attribute, v)
-            }
-        }
+        let v = self.value.render_text(ex);
+        ex.set(self.attribute, v);
         Ok(Flow::Pass)
     }
 }
