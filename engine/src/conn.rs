@@ -241,22 +241,35 @@ mod tests {
     use super::*;
     use hyper_util::rt::TokioIo;
 
-    /// Reads from a guarded stream whose peer never writes, until the guard cuts it; returns
-    /// how long that took.
-    async fn time_to_cut(guard: &mut HeadGuard<TokioIo<tokio::io::DuplexStream>>) -> Duration {
+    /// Runs guarded I/O that only the guard can end, and returns how long it took the guard to
+    /// cut it with `TimedOut`.
+    async fn cut_after<T: std::fmt::Debug>(io: impl Future<Output = io::Result<T>>) -> Duration {
         let started = Instant::now();
-        let mut bytes = [std::mem::MaybeUninit::<u8>::uninit(); 16];
-        let read = std::future::poll_fn(|cx| {
-            let mut buf = hyper::rt::ReadBuf::uninit(&mut bytes);
-            Pin::new(&mut *guard).poll_read(cx, buf.unfilled())
-        });
         // A guard that lost its timer's waker would hang here: fail instead.
-        let result = tokio::time::timeout(Duration::from_secs(600), read)
+        let result = tokio::time::timeout(Duration::from_secs(600), io)
             .await
             .expect("the guard never woke up to cut the connection");
-        let e = result.expect_err("the peer never writes: only the guard ends the read");
+        let e = result.expect_err("the peer does nothing: only the guard ends the I/O");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         started.elapsed()
+    }
+
+    /// Reads from a guarded stream whose peer never writes, until the guard cuts it.
+    async fn time_to_cut(guard: &mut HeadGuard<TokioIo<tokio::io::DuplexStream>>) -> Duration {
+        let mut bytes = [std::mem::MaybeUninit::<u8>::uninit(); 16];
+        cut_after(std::future::poll_fn(|cx| {
+            let mut buf = hyper::rt::ReadBuf::uninit(&mut bytes);
+            Pin::new(&mut *guard).poll_read(cx, buf.unfilled())
+        }))
+        .await
+    }
+
+    /// A wait that the guard cut within its bounds: the timeout, and a tick more at most.
+    fn assert_cut_in_time(waited: Duration, timeout: Duration) {
+        assert!(
+            waited >= timeout && waited <= timeout + timeout / TICKS,
+            "cut after {waited:?} of waiting, timeout {timeout:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -264,11 +277,7 @@ mod tests {
         let (_peer, io) = tokio::io::duplex(64);
         let timeout = Duration::from_secs(8);
         let mut guard = HeadGuard::new(TokioIo::new(io), Arc::new(Phase::default()), timeout);
-        let took = time_to_cut(&mut guard).await;
-        assert!(
-            took >= timeout && took <= timeout + timeout / TICKS,
-            "{took:?}"
-        );
+        assert_cut_in_time(time_to_cut(&mut guard).await, timeout);
     }
 
     #[tokio::test(start_paused = true)]
@@ -280,28 +289,19 @@ mod tests {
         let mut guard = HeadGuard::new(TokioIo::new(io), phase.clone(), timeout);
         phase.request_started();
         phase.request_done();
-        let started = Instant::now();
         let answer = [b'x'; 1024];
         let mut sent = 0;
-        let write = std::future::poll_fn(|cx| {
+        let took = cut_after(std::future::poll_fn(|cx| {
             loop {
                 match Pin::new(&mut guard).poll_write(cx, &answer[sent..]) {
                     Poll::Ready(Ok(n)) => sent += n,
                     other => return other,
                 }
             }
-        });
-        let result = tokio::time::timeout(Duration::from_secs(600), write)
-            .await
-            .expect("the guard never woke up to cut the connection");
-        let e = result.expect_err("the peer never reads: only the guard ends the write");
-        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        }))
+        .await;
         assert_eq!(sent, 64, "what fitted was written");
-        let took = started.elapsed();
-        assert!(
-            took >= timeout && took <= timeout + timeout / TICKS,
-            "{took:?}"
-        );
+        assert_cut_in_time(took, timeout);
     }
 
     #[tokio::test(start_paused = true)]
@@ -329,9 +329,6 @@ mod tests {
             took > Duration::from_secs(60),
             "cut while busy, after {took:?}"
         );
-        assert!(
-            since_last >= timeout && since_last <= timeout + timeout / TICKS,
-            "cut {since_last:?} after the last request"
-        );
+        assert_cut_in_time(since_last, timeout);
     }
 }
