@@ -244,7 +244,7 @@ pub enum RotateOutcome {
 
 /// Store failures. Every one of them is an outage from the client's point of view (503):
 /// a store never reports bad input through this type.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("token store unavailable: {0}")]
     Unavailable(String),

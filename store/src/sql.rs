@@ -11,7 +11,9 @@
 //!   `BEGIN IMMEDIATE`: sqlx's deferred `BEGIN` upgrades a read snapshot to a write and fails
 //!   with `SQLITE_BUSY_SNAPSHOT` under concurrency (launchbadge/sqlx#853). Writers of one
 //!   process also queue on an async mutex, so they wait in order instead of in SQLite's busy
-//!   handler; `busy_timeout` still covers other processes on the same file.
+//!   handler; `busy_timeout` still covers other processes on the same file. Rotations and
+//!   issues are committed in groups, many requests per transaction and so per `fsync`
+//!   (`group`: a request is answered only after the commit that holds it).
 //! - **PostgreSQL**: rotation consumes the token with one conditional
 //!   `UPDATE ... WHERE consumed_at IS NULL ... RETURNING` and writes the successor in the same
 //!   transaction. Under READ COMMITTED a second updater of the row waits for the first, then
@@ -48,7 +50,9 @@ enum Backend {
     Sqlite {
         pool: SqlitePool,
         /// Serialises this process's write transactions (see the module docs).
-        write: tokio::sync::Mutex<()>,
+        write: Arc<tokio::sync::Mutex<()>>,
+        /// Where rotations and issues queue for their group's commit.
+        group: group::Group,
     },
     Postgres(PgPool),
 }
@@ -73,7 +77,7 @@ macro_rules! on_pool {
 macro_rules! in_write_tx {
     ($self:expr, $map:expr, $tx:ident => $body:expr) => {
         match &$self.backend {
-            Backend::Sqlite { pool, write } => {
+            Backend::Sqlite { pool, write, .. } => {
                 let _serial = write.lock().await;
                 #[allow(unused_mut)]
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err($map)?;
@@ -258,9 +262,11 @@ impl SqlStore {
             }
             let pool = pool_options(config).connect_lazy_with(options);
             with_timeout(connect_timeout, SQLITE_MIGRATIONS.run(&pool)).await?;
+            let write = Arc::new(tokio::sync::Mutex::new(()));
             Backend::Sqlite {
+                group: group::Group::start(pool.clone(), write.clone()),
                 pool,
-                write: tokio::sync::Mutex::new(()),
+                write,
             }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut options = PgConnectOptions::from_str(&url)
@@ -283,6 +289,15 @@ impl SqlStore {
             ));
         };
         Ok(SqlStore { backend })
+    }
+
+    /// On SQLite, the transactions its writer has committed (each holds a group of rotations
+    /// and issues, see `group`); `None` on PostgreSQL.
+    pub fn sqlite_commits(&self) -> Option<u64> {
+        match &self.backend {
+            Backend::Sqlite { group, .. } => Some(group.commits()),
+            Backend::Postgres(_) => None,
+        }
     }
 
     /// Closes the pool: waits for checked-out connections to come back, then closes them all.
@@ -476,49 +491,110 @@ fn classify(probe: Option<ProbeRow>, client_id: &str, now: UnixTime) -> StoreRes
     Ok(RotateOutcome::Invalid)
 }
 
-/// The query of [`WRITE_ISSUE_SQLITE`] or [`WRITE_ISSUE_POSTGRES`] with its parameters:
-/// `$issue`'s tokens under their grants, then the rotation's part (`None` on a first issue):
-/// the presented digest with its [`Replay`], and the family's bytes with the presented
-/// token's generation.
+/// Runs [`WRITE_ISSUE_SQLITE`] or [`WRITE_ISSUE_POSTGRES`] (`$sql`) on `$tx` with its
+/// parameters: `$issue`'s tokens under their grants (family `$family`, generation `$gen`), then
+/// the rotation's part (`None` on a first issue): the presented digest with its [`Replay`],
+/// and the family's bytes with the presented token's generation. Evaluates to a
+/// `StoreResult<()>`.
 macro_rules! write_issue {
-    ($self:expr, $issue:expr, $access_grant:expr, $access_meta:expr, $meta:expr, $family:expr,
-     $gen:expr, $replay:expr, $older:expr) => {{
-        let sql = match &$self.backend {
-            Backend::Sqlite { .. } => WRITE_ISSUE_SQLITE,
-            Backend::Postgres(_) => WRITE_ISSUE_POSTGRES,
-        };
-        let (replay, older): (Option<(&Digest, &Replay)>, Option<(&[u8], i64)>) = ($replay, $older);
-        sqlx::query(sql)
-            .bind($issue.access.digest.as_bytes().as_slice())
-            .bind($access_grant.client_id.as_str())
-            .bind($access_grant.subject.as_deref())
-            .bind($access_grant.scope.as_str())
-            .bind($access_meta)
-            .bind($issue.issued_at)
-            .bind($issue.access.expires_at)
-            .bind($family.as_slice())
-            .bind($gen)
-            .bind(
-                $issue
-                    .refresh
-                    .as_ref()
-                    .map(|r| r.digest.as_bytes().as_slice()),
-            )
-            .bind($issue.grant.client_id.as_str())
-            .bind($issue.grant.subject.as_deref())
-            .bind($issue.grant.scope.as_str())
-            .bind($meta)
-            .bind($issue.issued_at)
-            .bind($issue.refresh.as_ref().map(|r| r.expires_at))
-            .bind($family.as_slice())
-            .bind($gen)
-            .bind(replay.map(|(presented, _)| presented.as_bytes().as_slice()))
-            .bind(replay.map(|(_, r)| r.sealed.as_slice()))
-            .bind(replay.map(|(_, r)| r.until))
-            .bind(older.map(|(family, _)| family))
-            .bind(older.map(|(_, generation)| generation))
-    }};
+    ($tx:expr, $sql:expr, $issue:expr, $family:expr, $gen:expr, $replay:expr, $older:expr) => {
+        async {
+            let issue: &Issue = $issue;
+            let (family, generation): ([u8; 16], i64) = ($family, $gen);
+            let (replay, older): (Option<(&Digest, &Replay)>, Option<(&[u8], i64)>) =
+                ($replay, $older);
+            let meta = metadata_json(&issue.grant)?;
+            let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
+            let access_meta = metadata_json(access_grant)?;
+            sqlx::query($sql)
+                .bind(issue.access.digest.as_bytes().as_slice())
+                .bind(access_grant.client_id.as_str())
+                .bind(access_grant.subject.as_deref())
+                .bind(access_grant.scope.as_str())
+                .bind(&access_meta)
+                .bind(issue.issued_at)
+                .bind(issue.access.expires_at)
+                .bind(family.as_slice())
+                .bind(generation)
+                .bind(
+                    issue
+                        .refresh
+                        .as_ref()
+                        .map(|r| r.digest.as_bytes().as_slice()),
+                )
+                .bind(issue.grant.client_id.as_str())
+                .bind(issue.grant.subject.as_deref())
+                .bind(issue.grant.scope.as_str())
+                .bind(&meta)
+                .bind(issue.issued_at)
+                .bind(issue.refresh.as_ref().map(|r| r.expires_at))
+                .bind(family.as_slice())
+                .bind(generation)
+                .bind(replay.map(|(presented, _)| presented.as_bytes().as_slice()))
+                .bind(replay.map(|(_, r)| r.sealed.as_slice()))
+                .bind(replay.map(|(_, r)| r.until))
+                .bind(older.map(|(family, _)| family))
+                .bind(older.map(|(_, generation)| generation))
+                .execute(&mut *$tx)
+                .await
+                .map_err(map_err)?;
+            Ok::<(), StoreError>(())
+        }
+        .await
+    };
 }
+
+/// A rotation's statements on the open transaction `$tx`: consume the presented token with
+/// one conditional `UPDATE ... RETURNING` ([`CONSUME_REFRESH`] in `$sql.0`), or read why it
+/// cannot be consumed, writing nothing ([`PROBE_REFRESH`] in `$sql.1`); else evaluate `$decide`
+/// (an expression of `$token`, the consumed token, giving a `StoreResult<RotateDecision>`) and
+/// write the successor (the dialect's [`WRITE_ISSUE_SQLITE`] or [`WRITE_ISSUE_POSTGRES`] in
+/// `$sql.2`). Each may be wrapped in other statements of the caller's (SQLite's group commit
+/// adds its savepoints). Evaluates to the outcome and whether anything was written, for the
+/// caller to commit; not committing rolls the consumption back.
+macro_rules! rotate_in_tx {
+    ($tx:expr, $sql:expr, $presented:expr, $client_id:expr, $now:expr,
+     |$token:ident| $decide:expr) => {
+        async {
+            let (presented, client_id, now): (&Digest, &str, UnixTime) =
+                ($presented, $client_id, $now);
+            let (consume, probe, write): (&str, &str, &str) = $sql;
+            let row: Option<ConsumedRow> = sqlx::query_as(consume)
+                .bind(presented.as_bytes().as_slice())
+                .bind(client_id)
+                .bind(now)
+                .fetch_optional(&mut *$tx)
+                .await
+                .map_err(map_err)?;
+            let Some(row) = row else {
+                let probe: Option<ProbeRow> = sqlx::query_as(probe)
+                    .bind(presented.as_bytes().as_slice())
+                    .fetch_optional(&mut *$tx)
+                    .await
+                    .map_err(map_err)?;
+                return Ok((classify(probe, client_id, now)?, false));
+            };
+            let consumed = consumed_from(row)?;
+            let decision: StoreResult<RotateDecision> = {
+                let $token = &consumed;
+                $decide
+            };
+            let issue = match decision? {
+                RotateDecision::Reject => return Ok((RotateOutcome::Rejected, false)),
+                RotateDecision::Rotate(issue) => issue,
+            };
+            let family = family_bytes(consumed.family);
+            let generation = i64::from(consumed.generation) + 1;
+            let replay = issue.replay.as_ref().map(|r| (presented, r));
+            let older = Some((family.as_slice(), i64::from(consumed.generation)));
+            write_issue!($tx, write, &issue, family, generation, replay, older)?;
+            Ok::<_, StoreError>((RotateOutcome::Rotated { consumed }, true))
+        }
+        .await
+    };
+}
+
+mod group;
 
 #[async_trait]
 impl TokenStore for SqlStore {
@@ -530,18 +606,22 @@ impl TokenStore for SqlStore {
     }
 
     async fn issue(&self, issue: Issue) -> StoreResult<()> {
-        let meta = metadata_json(&issue.grant)?;
-        let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
-        let access_meta = metadata_json(access_grant)?;
-        let family = family_bytes(issue.family);
-        let generation = i64::from(issue.generation);
-        in_write_tx!(self, map_err, tx => {
-            write_issue!(self, issue, access_grant, &access_meta, &meta, family, generation, None, None)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            tx.commit().await.map_err(map_err)
-        })
+        let pool = match &self.backend {
+            Backend::Sqlite { group, .. } => return group.issue(issue).await,
+            Backend::Postgres(pool) => pool,
+        };
+        let mut tx = pool.begin().await.map_err(map_err)?;
+        let (family, generation) = (family_bytes(issue.family), i64::from(issue.generation));
+        write_issue!(
+            tx,
+            WRITE_ISSUE_POSTGRES,
+            &issue,
+            family,
+            generation,
+            None,
+            None
+        )?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn access_token(
@@ -575,43 +655,23 @@ impl TokenStore for SqlStore {
         now: UnixTime,
         decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
     ) -> StoreResult<RotateOutcome> {
-        in_write_tx!(self, map_err, tx => {
-            let consumed: Option<ConsumedRow> = sqlx::query_as(CONSUME_REFRESH)
-                .bind(presented.as_bytes().as_slice())
-                .bind(client_id)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            let Some(row) = consumed else {
-                let probe: Option<ProbeRow> = sqlx::query_as(PROBE_REFRESH)
-                    .bind(presented.as_bytes().as_slice())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                // Nothing was written: dropping `tx` rolls back.
-                return classify(probe, client_id, now);
-            };
-            let consumed = consumed_from(row)?;
-            let issue = match decide(&consumed) {
-                // Dropping `tx` rolls the consumption back.
-                RotateDecision::Reject => return Ok(RotateOutcome::Rejected),
-                RotateDecision::Rotate(issue) => issue,
-            };
-            let meta = metadata_json(&issue.grant)?;
-            let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
-            let access_meta = metadata_json(access_grant)?;
-            let family = family_bytes(consumed.family);
-            let generation = i64::from(consumed.generation) + 1;
-            let replay = issue.replay.as_ref().map(|r| (presented, r));
-            let older = Some((family.as_slice(), i64::from(consumed.generation)));
-            write_issue!(self, issue, access_grant, &access_meta, &meta, family, generation, replay, older)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+        let pool = match &self.backend {
+            Backend::Sqlite { group, .. } => {
+                return group.rotate(presented, client_id, now, decide).await;
+            }
+            Backend::Postgres(pool) => pool,
+        };
+        let mut tx = pool.begin().await.map_err(map_err)?;
+        let sql = (CONSUME_REFRESH, PROBE_REFRESH, WRITE_ISSUE_POSTGRES);
+        let (outcome, wrote) = rotate_in_tx!(tx, sql, presented, client_id, now, |token| Ok(
+            decide(token)
+        ))?;
+        // Nothing written (an unusable token) or a rejected successor: dropping `tx` rolls
+        // back, the consumption included.
+        if wrote {
             tx.commit().await.map_err(map_err)?;
-            Ok(RotateOutcome::Rotated { consumed })
-        })
+        }
+        Ok(outcome)
     }
 
     async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {
