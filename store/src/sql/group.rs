@@ -8,8 +8,10 @@
 //! its queue (up to [`MAX_GROUP`]), runs each in a savepoint of its own inside one
 //! `BEGIN IMMEDIATE` transaction, commits once, and only then answers them all. So a rotation
 //! is as durable as before (no answer leaves before its commit), and one that fails, whose
-//! successor its caller rejects, or whose caller went away is rolled back to its savepoint
-//! without touching the rest of the group. A request that arrives while a group commits waits
+//! successor its caller rejects, or whose caller went away before deciding is rolled back to
+//! its savepoint without touching the rest of the group. (A caller that goes away after it
+//! decided has its rotation committed with the group, as one that goes away during a commit
+//! always had: its client's retry is then a replay, which the reuse grace period covers.) A request that arrives while a group commits waits
 //! for the next one: groups grow with the load, and a lone request commits alone at once (no
 //! timer, nothing added when idle).
 //!
@@ -216,17 +218,16 @@ async fn commit(pool: &SqlitePool, mut jobs: impl Iterator<Item = Job>) -> bool 
 /// A member's statements, each with its savepoint's own statements in the same string, so
 /// that they cost no extra round trip to the connection's thread: the savepoint opens with the
 /// first statement (the consumption, or an issue's writes) and is released with the last
-/// (the successor's writes, or before the probe of a token that could not be consumed).
+/// write. A member that wrote nothing (its token could not be consumed, or it was rejected) or
+/// failed anywhere is undone with [`ROLLBACK_MEMBER`], its savepoint still open.
 struct InGroup {
     consume: String,
-    probe: String,
     write: String,
     issue: String,
 }
 
 static IN_GROUP: LazyLock<InGroup> = LazyLock::new(|| InGroup {
     consume: format!("SAVEPOINT member; {CONSUME_REFRESH}"),
-    probe: format!("RELEASE member; {PROBE_REFRESH}"),
     write: format!("{WRITE_ISSUE_SQLITE}; RELEASE member"),
     issue: format!("SAVEPOINT member; {WRITE_ISSUE_SQLITE}; RELEASE member"),
 });
@@ -249,14 +250,14 @@ async fn member(tx: &mut Transaction<'static, Sqlite>, job: Job) -> (Answer, Sto
                 decision,
                 done,
             } = r;
-            let statements = (sql.consume.as_str(), sql.probe.as_str(), sql.write.as_str());
+            let statements = (sql.consume.as_str(), PROBE_REFRESH, sql.write.as_str());
             let result = rotate_in_tx!(*tx, statements, &presented, &client_id, now, |token| ask(
                 consumed, decision, token
             )
             .await);
-            // Written or probed: the savepoint was released by the last statement. Rejected
-            // (after the consumption) or failed: it is still open.
-            let undo = matches!(result, Ok((RotateOutcome::Rejected, _)) | Err(_));
+            // Written: the savepoint was released by the last statement. Anything else
+            // (probed, rejected, failed at any step, the probe included): it is still open.
+            let undo = !matches!(result, Ok((_, true)));
             (
                 Answer::Rotate(done, result.map(|(outcome, _)| outcome)),
                 undo,
@@ -273,7 +274,9 @@ async fn member(tx: &mut Transaction<'static, Sqlite>, job: Job) -> (Answer, Sto
         return (answer, Ok(()));
     }
     // Fails if the savepoint is gone (it was never opened, or SQLite rolled the whole
-    // transaction back after an I/O error): then nothing of the group can be trusted.
+    // transaction back after an I/O error): then nothing of the group can be trusted, and the
+    // whole group fails. (A member that fails before its first statement would take that
+    // path too; none can today: the only step before it serializes a map of strings.)
     let undone = sqlx::query(ROLLBACK_MEMBER).execute(&mut **tx).await;
     (answer, undone.map(|_| ()).map_err(map_err))
 }
@@ -405,6 +408,42 @@ mod tests {
                 .await
                 .unwrap()
                 .is_some()
+        );
+    }
+
+    /// A member whose probe fails (a row that cannot be read back) fails alone; the group's
+    /// other members commit.
+    #[tokio::test]
+    async fn a_failed_probe_fails_its_member_only() {
+        let (store, _dir) = sqlite().await;
+        let now = crate::now();
+        let good = pair(&store, now).await;
+        let Backend::Sqlite { pool, .. } = &store.backend else {
+            unreachable!("a sqlite store")
+        };
+        // A consumed refresh token whose family id is one byte: the probe cannot decode it.
+        sqlx::query(
+            "INSERT INTO refresh_tokens (digest, client_id, scope, metadata, issued_at, \
+             expires_at, family, generation, consumed_at) \
+             VALUES ($1, $2, 'read', '{}', $3, $4, x'00', 0, $3)",
+        )
+        .bind(Digest::of("corrupt").as_bytes().as_slice())
+        .bind(CLIENT)
+        .bind(now)
+        .bind(now + 600)
+        .execute(pool)
+        .await
+        .expect("insert the corrupt row");
+        let before = commits(&store);
+        let (bad, fine) = tokio::join!(
+            rotate(&store, "corrupt", now, true),
+            rotate(&store, &good.refresh, now, true),
+        );
+        assert_eq!(commits(&store) - before, 1, "one group, committed");
+        assert!(matches!(bad, Err(StoreError::Backend(_))), "{bad:?}");
+        assert!(
+            matches!(fine, Ok(RotateOutcome::Rotated { .. })),
+            "{fine:?}"
         );
     }
 
