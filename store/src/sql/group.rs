@@ -11,9 +11,9 @@
 //! successor its caller rejects, or whose caller went away before deciding is rolled back to
 //! its savepoint without touching the rest of the group. (A caller that goes away after it
 //! decided has its rotation committed with the group, as one that goes away during a commit
-//! always had: its client's retry is then a replay, which the reuse grace period covers.) A request that arrives while a group commits waits
-//! for the next one: groups grow with the load, and a lone request commits alone at once (no
-//! timer, nothing added when idle).
+//! always had: its client's retry is then a replay, which the reuse grace period covers.)
+//! A request that arrives while a group commits waits for the next one: groups grow with the
+//! load, and a lone request commits alone at once (no timer, nothing added when idle).
 //!
 //! A rotation's `decide` belongs to its caller (borrowed, not `'static`), so it runs in the
 //! caller's task: the writer sends the consumed token over and waits, savepoint open, for the
@@ -232,7 +232,8 @@ static IN_GROUP: LazyLock<InGroup> = LazyLock::new(|| InGroup {
     issue: format!("SAVEPOINT member; {WRITE_ISSUE_SQLITE}; RELEASE member"),
 });
 
-/// Undoes a member that failed or was rejected: back to its savepoint, which is released.
+/// Undoes a member that wrote nothing, was rejected or failed: back to its savepoint, which is
+/// released.
 const ROLLBACK_MEMBER: &str = "ROLLBACK TO member; RELEASE member";
 
 /// Runs one job in a savepoint, kept if the job wrote what it should and rolled back if not.
