@@ -94,19 +94,16 @@ impl Answer {
 }
 
 impl Job {
-    /// The answer of a job that does not run, with `error` (an `Err`) as its result.
-    fn into_answer(self, error: &StoreResult<()>) -> Answer {
+    /// Answers a job that does not run: its group failed with `error`.
+    fn fail(self, error: &StoreError) {
         match self {
             Job::Rotate(r) => {
-                Answer::Rotate(r.done, error.clone().map(|()| RotateOutcome::Invalid))
+                let _ = r.done.send(Err(error.clone()));
             }
-            Job::Issue { done, .. } => Answer::Issue(done, error.clone()),
+            Job::Issue { done, .. } => {
+                let _ = done.send(Err(error.clone()));
+            }
         }
-    }
-
-    /// Answers a job that does not run with `error`.
-    fn failed(self, error: &StoreResult<()>) {
-        self.into_answer(error).send(error);
     }
 }
 
@@ -191,8 +188,7 @@ async fn commit(pool: &SqlitePool, mut jobs: impl Iterator<Item = Job>) -> bool 
         Ok(tx) => tx,
         Err(e) => {
             let e = map_err(e);
-            let failed = Err(e);
-            jobs.for_each(|job| job.failed(&failed));
+            jobs.for_each(|job| job.fail(&e));
             return false;
         }
     };
@@ -203,9 +199,9 @@ async fn commit(pool: &SqlitePool, mut jobs: impl Iterator<Item = Job>) -> bool 
         if let Err(e) = savepoint {
             // A savepoint could not be opened, released or rolled back: the transaction is in
             // doubt, so none of it is kept (dropping `tx` rolls it back).
-            let failed = Err(e);
+            let failed = Err(e.clone());
             answers.into_iter().for_each(|a| a.send(&failed));
-            jobs.for_each(|job| job.failed(&failed));
+            jobs.for_each(|job| job.fail(&e));
             return false;
         }
     }
@@ -303,7 +299,7 @@ mod tests {
 
     use super::*;
     use crate::config::SqlConfig;
-    use crate::testing::{CLIENT, Pair, grant, new_issue, successor};
+    use crate::testing::{ACCESS_TTL, CLIENT, Pair, REFRESH_TTL, grant, new_issue, successor};
 
     async fn sqlite() -> (SqlStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -318,8 +314,9 @@ mod tests {
         store.sqlite_commits().expect("a sqlite store")
     }
 
+    /// [`crate::testing::issue_pair`] for a store held as itself, not as a `SharedStore`.
     async fn pair(store: &SqlStore, now: UnixTime) -> Pair {
-        let (issue, pair) = new_issue(grant(CLIENT), now, 600, 1200);
+        let (issue, pair) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         store.issue(issue).await.expect("issue");
         pair
     }
@@ -378,9 +375,9 @@ mod tests {
         let now = crate::now();
         let (kept, rejected) = (pair(&store, now).await, pair(&store, now).await);
         // The same digests again: the primary key refuses them.
-        let (mut duplicate, _) = new_issue(grant(CLIENT), now, 600, 1200);
+        let (mut duplicate, _) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         duplicate.access.digest = Digest::of(&kept.access);
-        let (fresh_issue, fresh) = new_issue(grant(CLIENT), now, 600, 1200);
+        let (fresh_issue, fresh) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         let before = commits(&store);
         let (a, b, c, d, e) = tokio::join!(
             rotate(&store, &kept.refresh, now, true),
