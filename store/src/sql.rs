@@ -252,7 +252,12 @@ impl SqlStore {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(acquire_timeout);
+                .busy_timeout(acquire_timeout)
+                // The group commit's statements for each batch size (group::batch), beside
+                // the store's others.
+                .statement_cache_capacity(256)
+                // A batch's consumption returns a row per member: one channel's worth.
+                .row_buffer_size(128);
             if let Some(dir) = options.get_filename().parent()
                 && !dir.as_os_str().is_empty()
             {
@@ -491,53 +496,79 @@ fn classify(probe: Option<ProbeRow>, client_id: &str, now: UnixTime) -> StoreRes
     Ok(RotateOutcome::Invalid)
 }
 
-/// Runs [`WRITE_ISSUE_SQLITE`] or [`WRITE_ISSUE_POSTGRES`] (`$sql`) on `$tx` with its
-/// parameters: `$issue`'s tokens under their grants (family `$family`, generation `$gen`), then
-/// the rotation's part (`None` on a first issue): the presented digest with its [`Replay`],
-/// and the family's bytes with the presented token's generation. Evaluates to a
+/// Binds the 23 parameters of [`WRITE_ISSUE_SQLITE`] and [`WRITE_ISSUE_POSTGRES`] to the query
+/// `$q`, in order: `$issue`'s tokens under their grants (metadata already serialized:
+/// `$access_meta` for the access token's grant, `$meta` for the refresh token's; family
+/// `$family`, generation `$gen`), then the rotation's part (`None` on a first issue): the
+/// presented digest with its [`Replay`], and the family's bytes with the presented token's
+/// generation. SQLite's group commit binds the same parameters for many issues in one query.
+macro_rules! bind_issue {
+    ($q:expr, $issue:expr, $access_meta:expr, $meta:expr, $family:expr, $gen:expr,
+     $replay:expr, $older:expr) => {{
+        let issue: &Issue = $issue;
+        let (access_meta, meta): (&str, &str) = ($access_meta, $meta);
+        let (family, generation): (&[u8], i64) = ($family, $gen);
+        let (replay, older): (Option<(&Digest, &Replay)>, Option<(&[u8], i64)>) = ($replay, $older);
+        let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
+        $q.bind(issue.access.digest.as_bytes().as_slice())
+            .bind(access_grant.client_id.as_str())
+            .bind(access_grant.subject.as_deref())
+            .bind(access_grant.scope.as_str())
+            .bind(access_meta)
+            .bind(issue.issued_at)
+            .bind(issue.access.expires_at)
+            .bind(family)
+            .bind(generation)
+            .bind(
+                issue
+                    .refresh
+                    .as_ref()
+                    .map(|r| r.digest.as_bytes().as_slice()),
+            )
+            .bind(issue.grant.client_id.as_str())
+            .bind(issue.grant.subject.as_deref())
+            .bind(issue.grant.scope.as_str())
+            .bind(meta)
+            .bind(issue.issued_at)
+            .bind(issue.refresh.as_ref().map(|r| r.expires_at))
+            .bind(family)
+            .bind(generation)
+            .bind(replay.map(|(presented, _)| presented.as_bytes().as_slice()))
+            .bind(replay.map(|(_, r)| r.sealed.as_slice()))
+            .bind(replay.map(|(_, r)| r.until))
+            .bind(older.map(|(family, _)| family))
+            .bind(older.map(|(_, generation)| generation))
+    }};
+}
+
+/// The serialized metadata of an issue's access token grant and of its refresh token's.
+fn issue_metadata(issue: &Issue) -> StoreResult<(String, String)> {
+    let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
+    Ok((metadata_json(access_grant)?, metadata_json(&issue.grant)?))
+}
+
+/// Runs [`WRITE_ISSUE_SQLITE`] or [`WRITE_ISSUE_POSTGRES`] (`$sql`) on `$tx` with the
+/// parameters of [`bind_issue`] (the metadata serialized here). Evaluates to a
 /// `StoreResult<()>`.
 macro_rules! write_issue {
     ($tx:expr, $sql:expr, $issue:expr, $family:expr, $gen:expr, $replay:expr, $older:expr) => {
         async {
             let issue: &Issue = $issue;
-            let (family, generation): ([u8; 16], i64) = ($family, $gen);
-            let (replay, older): (Option<(&Digest, &Replay)>, Option<(&[u8], i64)>) =
-                ($replay, $older);
-            let meta = metadata_json(&issue.grant)?;
-            let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
-            let access_meta = metadata_json(access_grant)?;
-            sqlx::query($sql)
-                .bind(issue.access.digest.as_bytes().as_slice())
-                .bind(access_grant.client_id.as_str())
-                .bind(access_grant.subject.as_deref())
-                .bind(access_grant.scope.as_str())
-                .bind(&access_meta)
-                .bind(issue.issued_at)
-                .bind(issue.access.expires_at)
-                .bind(family.as_slice())
-                .bind(generation)
-                .bind(
-                    issue
-                        .refresh
-                        .as_ref()
-                        .map(|r| r.digest.as_bytes().as_slice()),
-                )
-                .bind(issue.grant.client_id.as_str())
-                .bind(issue.grant.subject.as_deref())
-                .bind(issue.grant.scope.as_str())
-                .bind(&meta)
-                .bind(issue.issued_at)
-                .bind(issue.refresh.as_ref().map(|r| r.expires_at))
-                .bind(family.as_slice())
-                .bind(generation)
-                .bind(replay.map(|(presented, _)| presented.as_bytes().as_slice()))
-                .bind(replay.map(|(_, r)| r.sealed.as_slice()))
-                .bind(replay.map(|(_, r)| r.until))
-                .bind(older.map(|(family, _)| family))
-                .bind(older.map(|(_, generation)| generation))
-                .execute(&mut *$tx)
-                .await
-                .map_err(map_err)?;
+            let family: [u8; 16] = $family;
+            let (access_meta, meta) = issue_metadata(issue)?;
+            bind_issue!(
+                sqlx::query($sql),
+                issue,
+                &access_meta,
+                &meta,
+                family.as_slice(),
+                $gen,
+                $replay,
+                $older
+            )
+            .execute(&mut *$tx)
+            .await
+            .map_err(map_err)?;
             Ok::<(), StoreError>(())
         }
         .await

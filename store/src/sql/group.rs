@@ -5,19 +5,22 @@
 //! made that wait the whole cost: the store did one rotation per `fsync` (about 1,000 to 1,400
 //! per second on these VMs, BENCHMARKS.md of 2026-12-02) whatever the CPU had left. Here one
 //! task, the writer, does the store's rotations and issues: it takes every request waiting in
-//! its queue (up to [`MAX_GROUP`]), runs each in a savepoint of its own inside one
-//! `BEGIN IMMEDIATE` transaction, commits once, and only then answers them all. So a rotation
-//! is as durable as before (no answer leaves before its commit), and one that fails, whose
-//! successor its caller rejects, or whose caller went away before deciding is rolled back to
-//! its savepoint without touching the rest of the group. (A caller that goes away after it
+//! its queue as a batch ([`batch`]: the batch's consumptions in one statement, its writes in
+//! one string), then the requests that arrived meanwhile as the next batch, until the queue
+//! is empty or [`MAX_GROUP`] have run, all inside one `BEGIN IMMEDIATE` transaction; then it
+//! commits once, and only then answers them all. So a rotation is as durable as before (no
+//! answer leaves before its commit), and one that fails, whose successor its caller rejects,
+//! or whose caller went away before deciding is undone without touching the rest of the
+//! group: its token is given back, and a write that fails is redone alone in a savepoint of
+//! its own ([`member`]), with the rest of its batch. (A caller that goes away after it
 //! decided has its rotation committed with the group, as one that goes away during a commit
 //! always had: its client's retry is then a replay, which the reuse grace period covers.)
 //! A request that arrives while a group commits waits for the next one: groups grow with the
 //! load, and a lone request commits alone at once (no timer, nothing added when idle).
 //!
 //! A rotation's `decide` belongs to its caller (borrowed, not `'static`), so it runs in the
-//! caller's task: the writer sends the consumed token over and waits, savepoint open, for the
-//! decision ([`DECIDE_WITHIN`]). Answers read inside the group (a token already consumed, say)
+//! caller's task: the writer sends the consumed token over and waits, transaction open, for
+//! the decision ([`DECIDE_WITHIN`]; a batch's callers decide together). Answers read inside the group (a token already consumed, say)
 //! wait for the commit too: they may rest on an earlier member's writes.
 //!
 //! The writer runs on the runtime that connected the store and ends when the store is dropped.
@@ -31,6 +34,8 @@ use sqlx::{Sqlite, Transaction};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::*;
+
+mod batch;
 
 /// Requests per transaction at most: enough for every connection of a busy gateway to share
 /// one `fsync`, few enough that the last of a group is not held long by the others.
@@ -172,36 +177,47 @@ async fn writer(
     mut queue: mpsc::Receiver<Job>,
     commits: Arc<AtomicU64>,
 ) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+    while let Some(first) = queue.recv().await {
         let _serial = write.lock().await;
-        if commit(&pool, group.drain(..)).await {
+        if commit(&pool, first, &mut queue).await {
             commits.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-/// One group: every job in a savepoint of its own, one commit, then the answers. Returns
+/// One group: its jobs in batches ([`batch::run`]), one commit, then the answers. Returns
 /// whether the group committed.
-async fn commit(pool: &SqlitePool, mut jobs: impl Iterator<Item = Job>) -> bool {
+///
+/// The group starts with `first` and every job waiting behind it. Jobs that arrive while a
+/// batch runs make the next batch of the same group, until the queue is empty or the group is
+/// full: under steady load the group grows instead of leaving the late ones a commit (and an
+/// `fsync`) of their own.
+async fn commit(pool: &SqlitePool, first: Job, queue: &mut mpsc::Receiver<Job>) -> bool {
     let mut tx = match pool.begin_with("BEGIN IMMEDIATE").await {
         Ok(tx) => tx,
         Err(e) => {
-            let e = map_err(e);
-            jobs.for_each(|job| job.fail(&e));
+            // Only `first` belongs to this group; the queue waits for the next one.
+            first.fail(&map_err(e));
             return false;
         }
     };
     let mut answers = Vec::with_capacity(MAX_GROUP);
-    while let Some(job) = jobs.next() {
-        let (answer, savepoint) = member(&mut tx, job).await;
-        answers.push(answer);
-        if let Err(e) = savepoint {
-            // A savepoint could not be opened, released or rolled back: the transaction is in
-            // doubt, so none of it is kept (dropping `tx` rolls it back).
-            let failed = Err(e.clone());
+    let mut jobs = vec![first];
+    loop {
+        while answers.len() + jobs.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        if jobs.is_empty() {
+            break;
+        }
+        if let Err(e) = batch::run(&mut tx, std::mem::take(&mut jobs), &mut answers).await {
+            // A savepoint or an undo failed: the transaction is in doubt, so none of it is
+            // kept (dropping `tx` rolls it back).
+            let failed = Err(e);
             answers.into_iter().for_each(|a| a.send(&failed));
-            jobs.for_each(|job| job.fail(&e));
             return false;
         }
     }
@@ -232,8 +248,8 @@ static IN_GROUP: LazyLock<InGroup> = LazyLock::new(|| InGroup {
 /// released.
 const ROLLBACK_MEMBER: &str = "ROLLBACK TO member; RELEASE member";
 
-/// Runs one job in a savepoint, kept if the job wrote what it should and rolled back if not.
-/// Returns the job's answer and whether the savepoint's own statements succeeded (if not, the
+/// Runs one job in a savepoint, kept if the job wrote what it should and rolled back if not:
+/// what a batch cannot do in bulk ([`batch`]). Returns the job's answer and whether the savepoint's own statements succeeded (if not, the
 /// transaction is in doubt).
 async fn member(tx: &mut Transaction<'static, Sqlite>, job: Job) -> (Answer, StoreResult<()>) {
     let sql = &*IN_GROUP;
@@ -365,6 +381,94 @@ mod tests {
                 Ok(RotateOutcome::AlreadyRotated { .. })
             ));
         }
+    }
+
+    /// A request that arrives while a group runs joins it: the second rotation is queued by the
+    /// first one's `decide`, when the writer has begun the group with the first alone, and
+    /// both commit together. (With the group fixed when it began, they made two commits.)
+    #[tokio::test]
+    async fn a_request_arriving_during_a_group_joins_it() {
+        let (store, _dir) = sqlite().await;
+        let now = crate::now();
+        let (early, late) = (pair(&store, now).await, pair(&store, now).await);
+        let Backend::Sqlite { group, .. } = &store.backend else {
+            unreachable!("a sqlite store")
+        };
+        let (consumed, consumed_rx) = oneshot::channel();
+        let (decision_tx, decision) = oneshot::channel();
+        let (done, answer) = oneshot::channel();
+        let late_job = std::sync::Mutex::new(Some(Job::Rotate(Rotation {
+            presented: Digest::of(&late.refresh),
+            client_id: CLIENT.to_owned(),
+            now,
+            consumed,
+            decision,
+            done,
+        })));
+        let (issue, _) = successor(grant(CLIENT), now, None);
+        let decide = |_: &RefreshToken| {
+            // The first member's savepoint is open: queue the second now.
+            if let Some(job) = late_job.lock().unwrap().take() {
+                assert!(group.jobs.try_send(job).is_ok(), "room in the queue");
+            }
+            RotateDecision::Rotate(issue.clone())
+        };
+        let before = commits(&store);
+        let presented = Digest::of(&early.refresh);
+        let first = store.rotate(&presented, CLIENT, now, &decide);
+        let second = async {
+            consumed_rx
+                .await
+                .expect("the second rotation consumed its token");
+            let (next, _) = successor(grant(CLIENT), now, None);
+            assert!(decision_tx.send(RotateDecision::Rotate(next)).is_ok());
+            answer.await.expect("the second rotation answered")
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert!(
+            matches!(first, Ok(RotateOutcome::Rotated { .. })),
+            "{first:?}"
+        );
+        assert!(
+            matches!(second, Ok(RotateOutcome::Rotated { .. })),
+            "{second:?}"
+        );
+        assert_eq!(commits(&store) - before, 1, "one group for both");
+    }
+
+    /// One batch that writes in bulk: an accepted rotation, a rejected one and an issue. The
+    /// rejected token is given back (it rotates afterwards), the others hold.
+    #[tokio::test]
+    async fn a_rejection_in_a_bulk_batch_gives_its_token_back() {
+        let (store, _dir) = sqlite().await;
+        let now = crate::now();
+        let (kept, rejected) = (pair(&store, now).await, pair(&store, now).await);
+        let (fresh_issue, fresh) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+        let before = commits(&store);
+        let (a, b, c) = tokio::join!(
+            rotate(&store, &kept.refresh, now, true),
+            rotate(&store, &rejected.refresh, now, false),
+            store.issue(fresh_issue),
+        );
+        assert_eq!(commits(&store) - before, 1, "one group");
+        assert!(matches!(a, Ok(RotateOutcome::Rotated { .. })), "{a:?}");
+        assert!(matches!(b, Ok(RotateOutcome::Rejected)), "{b:?}");
+        assert!(c.is_ok(), "{c:?}");
+        assert!(matches!(
+            rotate(&store, &kept.refresh, now, true).await,
+            Ok(RotateOutcome::AlreadyRotated { .. })
+        ));
+        assert!(matches!(
+            rotate(&store, &rejected.refresh, now, true).await,
+            Ok(RotateOutcome::Rotated { .. })
+        ));
+        assert!(
+            store
+                .access_token(&Digest::of(&fresh.access), now)
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     /// In one group: a failed write, a rejected successor and a second rotation of the same
