@@ -20,8 +20,9 @@
 //!
 //! A rotation's `decide` belongs to its caller (borrowed, not `'static`), so it runs in the
 //! caller's task: the writer sends the consumed token over and waits, transaction open, for
-//! the decision ([`DECIDE_WITHIN`]; a batch's callers decide together). Answers read inside the group (a token already consumed, say)
-//! wait for the commit too: they may rest on an earlier member's writes.
+//! the decision ([`DECIDE_WITHIN`]; a batch's callers decide together). Answers read inside
+//! the group (a token already consumed, say) wait for the commit too: they may rest on an
+//! earlier member's writes.
 //!
 //! The writer runs on the runtime that connected the store and ends when the store is dropped.
 
@@ -249,8 +250,8 @@ static IN_GROUP: LazyLock<InGroup> = LazyLock::new(|| InGroup {
 const ROLLBACK_MEMBER: &str = "ROLLBACK TO member; RELEASE member";
 
 /// Runs one job in a savepoint, kept if the job wrote what it should and rolled back if not:
-/// what a batch cannot do in bulk ([`batch`]). Returns the job's answer and whether the savepoint's own statements succeeded (if not, the
-/// transaction is in doubt).
+/// what a batch cannot do in bulk ([`batch`]). Returns the job's answer and whether the
+/// savepoint's own statements succeeded (if not, the transaction is in doubt).
 async fn member(tx: &mut Transaction<'static, Sqlite>, job: Job) -> (Answer, StoreResult<()>) {
     let sql = &*IN_GROUP;
     let (answer, undo) = match job {
@@ -546,6 +547,55 @@ mod tests {
         assert!(
             matches!(fine, Ok(RotateOutcome::Rotated { .. })),
             "{fine:?}"
+        );
+    }
+
+    /// A batch whose consumption fails fails its group: nothing of it is committed, every
+    /// caller gets the error, and the tokens stay usable once the store works again.
+    #[tokio::test]
+    async fn a_failed_consumption_fails_its_group_and_consumes_nothing() {
+        let (store, _dir) = sqlite().await;
+        let now = crate::now();
+        let (a, b) = (pair(&store, now).await, pair(&store, now).await);
+        let Backend::Sqlite { pool, .. } = &store.backend else {
+            unreachable!("a sqlite store")
+        };
+        sqlx::query(
+            "CREATE TRIGGER no_consuming BEFORE UPDATE OF consumed_at ON refresh_tokens \
+             WHEN NEW.consumed_at IS NOT NULL BEGIN SELECT RAISE(ABORT, 'disk gone'); END",
+        )
+        .execute(pool)
+        .await
+        .expect("create the trigger");
+        let before = commits(&store);
+        let (issue, late) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+        let (ra, rb, issued) = tokio::join!(
+            rotate(&store, &a.refresh, now, true),
+            rotate(&store, &b.refresh, now, true),
+            store.issue(issue),
+        );
+        assert!(matches!(ra, Err(StoreError::Backend(_))), "{ra:?}");
+        assert!(matches!(rb, Err(StoreError::Backend(_))), "{rb:?}");
+        assert!(matches!(issued, Err(StoreError::Backend(_))), "{issued:?}");
+        assert_eq!(commits(&store), before, "nothing committed");
+        sqlx::query("DROP TRIGGER no_consuming")
+            .execute(pool)
+            .await
+            .expect("drop the trigger");
+        for refresh in [&a.refresh, &b.refresh] {
+            let again = rotate(&store, refresh, now, true).await;
+            assert!(
+                matches!(again, Ok(RotateOutcome::Rotated { .. })),
+                "{again:?}"
+            );
+        }
+        assert!(
+            store
+                .access_token(&Digest::of(&late.access), now)
+                .await
+                .expect("lookup")
+                .is_none(),
+            "the failed group's issue was not written"
         );
     }
 

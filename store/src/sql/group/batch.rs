@@ -12,11 +12,14 @@
 //! Job by job, the work was three hand-offs in sequence per job (the consumption, the
 //! caller's decision, the writes), each the wake-up of a thread that sleeps between them, and
 //! across cores when the gateway is not pinned: about 40% of `bench sqlite-ref`'s CPU,
-//! unpinned, was context switches (bench/PROFILING.md). Whatever the batch cannot do in bulk goes through [`member`], one job
-//! in a savepoint of its own as before, after the batch: a token that could not be consumed
-//! (its probe tells why), a second rotation of a token already in the batch (it must see the
-//! first one's outcome), and, if the bulk writes fail, every write of the batch one by one, so
-//! that a failure stays its own job's.
+//! unpinned, was context switches (bench/PROFILING.md).
+//!
+//! Whatever the batch cannot do in bulk goes through [`member`], one job in a savepoint of its
+//! own as before, after the batch: a token that could not be consumed (its probe tells why) and
+//! a second rotation of a token already in the batch (it must see the first one's outcome). A
+//! second rotation of a family already rotated in the batch is written after the bulk write,
+//! and if the bulk write fails, every write of the batch is redone one by one, so that a
+//! failure stays its own job's.
 //!
 //! Undoing a rotation without its savepoint: consumption sets `consumed_at` on a row where it
 //! was `NULL` and changes nothing else, so setting it back to `NULL` is the exact undo.
@@ -207,7 +210,14 @@ pub(super) async fn run(
             Job::Rotate(r) => rotations.push(r),
         }
     }
-    let asked = consume(tx, rotations, &mut left, answers).await;
+    let asked = match consume(tx, rotations, &mut left, answers).await {
+        Ok(asked) => asked,
+        Err(e) => {
+            answers.extend(left.writes.into_iter().map(|w| w.failed(e.clone())));
+            left.alone.into_iter().for_each(|job| job.fail(&e));
+            return Err(e);
+        }
+    };
     decide(asked, &mut left, answers).await;
     let Left {
         writes,
@@ -242,16 +252,19 @@ pub(super) async fn run(
 }
 
 /// Step 1: consumes what it can in one statement and hands each consumed token to its caller.
-/// A token it could not consume goes to [`member`] (whose probe says why), and so do all of
-/// them if the statement failed (SQLite undoes a failed statement by itself).
+/// A token it could not consume goes to [`member`] (whose probe says why). `Err`: the
+/// statement failed, and every rotation of the batch has its answer (the error). The group
+/// fails with it: the errors that make this statement fail (a full disk, an I/O error) may
+/// have rolled the whole transaction back, and a savepoint opened after that would start and
+/// commit a transaction of its own while its callers are told that the group failed.
 async fn consume(
     tx: &mut Transaction<'static, Sqlite>,
     rotations: Vec<Rotation>,
     left: &mut Left,
     answers: &mut Vec<Answer>,
-) -> Vec<Asked> {
+) -> StoreResult<Vec<Asked>> {
     if rotations.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let mut query = sqlx::query_as::<_, Consumed>(consume_sql(rotations.len()));
     for r in &rotations {
@@ -263,9 +276,9 @@ async fn consume(
     let rows = match query.fetch_all(&mut **tx).await {
         Ok(rows) => rows,
         Err(e) => {
-            tracing::debug!(error = %map_err(e), "a batch's consumption failed; one by one");
-            left.alone.extend(rotations.into_iter().map(Job::Rotate));
-            return Vec::new();
+            let e = map_err(e);
+            rotations.into_iter().for_each(|r| Job::Rotate(r).fail(&e));
+            return Err(e);
         }
     };
     let mut rows: HashMap<Vec<u8>, ConsumedRow> =
@@ -293,7 +306,7 @@ async fn consume(
             done: r.done,
         });
     }
-    asked
+    Ok(asked)
 }
 
 /// Step 2: the decisions, awaited together. An accepted successor becomes a write; a rejected
