@@ -55,6 +55,9 @@ pub(super) struct Group {
     jobs: mpsc::Sender<Job>,
     /// Transactions committed by the writer.
     commits: Arc<AtomicU64>,
+    /// Bulk writes ([`batch`]'s step 3) that held, so that tests can tell the bulk path ran
+    /// and not only its one-by-one fallback.
+    bulk_writes: Arc<AtomicU64>,
 }
 
 enum Job {
@@ -126,8 +129,25 @@ impl Group {
     pub(super) fn start(pool: SqlitePool, write: Arc<Mutex<()>>) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let commits = Arc::new(AtomicU64::new(0));
-        tokio::spawn(writer(pool, write, queue, commits.clone()));
-        Group { jobs, commits }
+        let bulk_writes = Arc::new(AtomicU64::new(0));
+        tokio::spawn(writer(
+            pool,
+            write,
+            queue,
+            commits.clone(),
+            bulk_writes.clone(),
+        ));
+        Group {
+            jobs,
+            commits,
+            bulk_writes,
+        }
+    }
+
+    /// Bulk writes that held so far.
+    #[cfg(test)]
+    fn bulk_writes(&self) -> u64 {
+        self.bulk_writes.load(Ordering::Relaxed)
     }
 
     /// Transactions committed so far.
@@ -177,10 +197,11 @@ async fn writer(
     write: Arc<Mutex<()>>,
     mut queue: mpsc::Receiver<Job>,
     commits: Arc<AtomicU64>,
+    bulk_writes: Arc<AtomicU64>,
 ) {
     while let Some(first) = queue.recv().await {
         let _serial = write.lock().await;
-        if commit(&pool, first, &mut queue).await {
+        if commit(&pool, first, &mut queue, &bulk_writes).await {
             commits.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -193,7 +214,12 @@ async fn writer(
 /// batch runs make the next batch of the same group, until the queue is empty or the group is
 /// full: under steady load the group grows instead of leaving the late ones a commit (and an
 /// `fsync`) of their own.
-async fn commit(pool: &SqlitePool, first: Job, queue: &mut mpsc::Receiver<Job>) -> bool {
+async fn commit(
+    pool: &SqlitePool,
+    first: Job,
+    queue: &mut mpsc::Receiver<Job>,
+    bulk_writes: &AtomicU64,
+) -> bool {
     let mut tx = match pool.begin_with("BEGIN IMMEDIATE").await {
         Ok(tx) => tx,
         Err(e) => {
@@ -214,7 +240,14 @@ async fn commit(pool: &SqlitePool, first: Job, queue: &mut mpsc::Receiver<Job>) 
         if jobs.is_empty() {
             break;
         }
-        if let Err(e) = batch::run(&mut tx, std::mem::take(&mut jobs), &mut answers).await {
+        if let Err(e) = batch::run(
+            &mut tx,
+            std::mem::take(&mut jobs),
+            &mut answers,
+            bulk_writes,
+        )
+        .await
+        {
             // A savepoint or an undo failed: the transaction is in doubt, so none of it is
             // kept (dropping `tx` rolls it back).
             let failed = Err(e);
@@ -331,6 +364,13 @@ mod tests {
         store.sqlite_commits().expect("a sqlite store")
     }
 
+    fn bulk_writes(store: &SqlStore) -> u64 {
+        let Backend::Sqlite { group, .. } = &store.backend else {
+            unreachable!("a sqlite store")
+        };
+        group.bulk_writes()
+    }
+
     /// [`crate::testing::issue_pair`] for a store held as itself, not as a `SharedStore`.
     async fn pair(store: &SqlStore, now: UnixTime) -> Pair {
         let (issue, pair) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
@@ -366,7 +406,7 @@ mod tests {
         for _ in 0..64 {
             pairs.push(pair(&store, now).await);
         }
-        let before = commits(&store);
+        let (before, bulk_before) = (commits(&store), bulk_writes(&store));
         let rotations = pairs.iter().map(|p| rotate(&store, &p.refresh, now, true));
         for outcome in futures_util::future::join_all(rotations).await {
             assert!(
@@ -376,6 +416,11 @@ mod tests {
         }
         let commits = commits(&store) - before;
         assert!(commits <= 2, "64 rotations made {commits} commits");
+        let bulk = bulk_writes(&store) - bulk_before;
+        assert!(
+            (1..=commits).contains(&bulk),
+            "{bulk} bulk writes in {commits} commits: the batches were written one by one"
+        );
         for p in &pairs {
             assert!(matches!(
                 rotate(&store, &p.refresh, now, true).await,
@@ -445,13 +490,18 @@ mod tests {
         let now = crate::now();
         let (kept, rejected) = (pair(&store, now).await, pair(&store, now).await);
         let (fresh_issue, fresh) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
-        let before = commits(&store);
+        let (before, bulk_before) = (commits(&store), bulk_writes(&store));
         let (a, b, c) = tokio::join!(
             rotate(&store, &kept.refresh, now, true),
             rotate(&store, &rejected.refresh, now, false),
             store.issue(fresh_issue),
         );
         assert_eq!(commits(&store) - before, 1, "one group");
+        assert_eq!(
+            bulk_writes(&store) - bulk_before,
+            1,
+            "written in bulk, not one by one"
+        );
         assert!(matches!(a, Ok(RotateOutcome::Rotated { .. })), "{a:?}");
         assert!(matches!(b, Ok(RotateOutcome::Rejected)), "{b:?}");
         assert!(c.is_ok(), "{c:?}");

@@ -186,6 +186,7 @@ pub(super) async fn run(
     tx: &mut Transaction<'static, Sqlite>,
     jobs: Vec<Job>,
     answers: &mut Vec<Answer>,
+    bulk_writes: &AtomicU64,
 ) -> StoreResult<()> {
     let mut left = Left::default();
     let mut rotations: Vec<Rotation> = Vec::new();
@@ -227,7 +228,7 @@ pub(super) async fn run(
     } = left;
     let mut rest = after.into_iter();
     let done = async {
-        write(tx, writes, &undo, answers).await?;
+        write(tx, writes, &undo, answers, bulk_writes).await?;
         for w in rest.by_ref() {
             write_alone(tx, w, answers).await?;
         }
@@ -371,6 +372,7 @@ async fn write(
     writes: Vec<Write>,
     undo: &[Digest],
     answers: &mut Vec<Answer>,
+    bulk_writes: &AtomicU64,
 ) -> StoreResult<()> {
     let n = writes.len() + undo.len();
     if n == 0 {
@@ -398,6 +400,7 @@ async fn write(
     }
     let failed = match query.execute(&mut **tx).await {
         Ok(_) => {
+            bulk_writes.fetch_add(1, Ordering::Relaxed);
             answers.extend(writes.into_iter().map(|w| w.answer));
             return Ok(());
         }
