@@ -305,6 +305,15 @@ impl SqlStore {
         }
     }
 
+    /// On SQLite, the batches its writer has written in bulk (a batch whose bulk write failed
+    /// is redone one by one and not counted); `None` on PostgreSQL.
+    pub fn sqlite_bulk_writes(&self) -> Option<u64> {
+        match &self.backend {
+            Backend::Sqlite { group, .. } => Some(group.bulk_writes()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
     /// Closes the pool: waits for checked-out connections to come back, then closes them all.
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await)

@@ -145,8 +145,7 @@ impl Group {
     }
 
     /// Bulk writes that held so far.
-    #[cfg(test)]
-    fn bulk_writes(&self) -> u64 {
+    pub(super) fn bulk_writes(&self) -> u64 {
         self.bulk_writes.load(Ordering::Relaxed)
     }
 
@@ -365,10 +364,7 @@ mod tests {
     }
 
     fn bulk_writes(store: &SqlStore) -> u64 {
-        let Backend::Sqlite { group, .. } = &store.backend else {
-            unreachable!("a sqlite store")
-        };
-        group.bulk_writes()
+        store.sqlite_bulk_writes().expect("a sqlite store")
     }
 
     /// [`crate::testing::issue_pair`] for a store held as itself, not as a `SharedStore`.
