@@ -393,6 +393,23 @@ mod tests {
             .await
     }
 
+    /// Asserts that `refresh` rotates now (it was not consumed).
+    async fn assert_rotates(store: &SqlStore, refresh: &str, now: UnixTime) {
+        let again = rotate(store, refresh, now, true).await;
+        assert!(
+            matches!(again, Ok(RotateOutcome::Rotated { .. })),
+            "{again:?}"
+        );
+    }
+
+    async fn access_stored(store: &SqlStore, access: &str, now: UnixTime) -> bool {
+        store
+            .access_token(&Digest::of(access), now)
+            .await
+            .expect("lookup")
+            .is_some()
+    }
+
     /// Requests that arrive together share one commit, and each gets its own answer.
     #[tokio::test]
     async fn a_burst_of_rotations_shares_commits() {
@@ -505,17 +522,8 @@ mod tests {
             rotate(&store, &kept.refresh, now, true).await,
             Ok(RotateOutcome::AlreadyRotated { .. })
         ));
-        assert!(matches!(
-            rotate(&store, &rejected.refresh, now, true).await,
-            Ok(RotateOutcome::Rotated { .. })
-        ));
-        assert!(
-            store
-                .access_token(&Digest::of(&fresh.access), now)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert_rotates(&store, &rejected.refresh, now).await;
+        assert!(access_stored(&store, &fresh.access, now).await);
     }
 
     /// In one group: a failed write, a rejected successor and a second rotation of the same
@@ -547,17 +555,8 @@ mod tests {
         );
         e.expect("a fresh issue beside a failed one");
         // The rejected token was not consumed; the fresh family was written.
-        assert!(matches!(
-            rotate(&store, &rejected.refresh, now, true).await,
-            Ok(RotateOutcome::Rotated { .. })
-        ));
-        assert!(
-            store
-                .access_token(&Digest::of(&fresh.access), now)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert_rotates(&store, &rejected.refresh, now).await;
+        assert!(access_stored(&store, &fresh.access, now).await);
     }
 
     /// A member whose probe fails (a row that cannot be read back) fails alone; the group's
@@ -629,18 +628,10 @@ mod tests {
             .await
             .expect("drop the trigger");
         for refresh in [&a.refresh, &b.refresh] {
-            let again = rotate(&store, refresh, now, true).await;
-            assert!(
-                matches!(again, Ok(RotateOutcome::Rotated { .. })),
-                "{again:?}"
-            );
+            assert_rotates(&store, refresh, now).await;
         }
         assert!(
-            store
-                .access_token(&Digest::of(&late.access), now)
-                .await
-                .expect("lookup")
-                .is_none(),
+            !access_stored(&store, &late.access, now).await,
             "the failed group's issue was not written"
         );
     }
