@@ -374,16 +374,20 @@ fn drop_pg_schema(pg_url: &str, schema: &str) {
 
 /// Samples taken at one edge of the measured window.
 struct Sample {
-    server_cpu: f64,
-    loadgen_cpu: f64,
+    /// CPU time of each server, in the order they were given.
+    servers_cpu: Vec<procfs::CpuSample>,
+    loadgen_cpu: procfs::CpuSample,
     steal: (u64, u64),
     at: Instant,
 }
 
-fn sample(server: u32, loadgen: u32) -> Sample {
+fn sample(servers: &[u32], loadgen: u32) -> Sample {
     Sample {
-        server_cpu: procfs::cpu_us(server),
-        loadgen_cpu: procfs::cpu_us(loadgen),
+        servers_cpu: servers
+            .iter()
+            .map(|&pid| procfs::CpuSample::of(pid))
+            .collect(),
+        loadgen_cpu: procfs::CpuSample::of(loadgen),
         steal: procfs::steal_and_total(),
         at: Instant::now(),
     }
@@ -404,36 +408,87 @@ pub fn run_case(
     pg_url: &str,
     opts: &RunOptions,
 ) -> anyhow::Result<Measured> {
+    if case == Case::SqliteRef {
+        return run_store_reference(bins, placement, timing);
+    }
+    let mut server = [start_server(bins, case, placement, pg_url)?];
+    let mut measured = drive(bins, &mut server, placement, timing, opts)?;
+    Ok(measured.remove(0))
+}
+
+/// Two servers at once on CPU 0 (one worker each), one load generator on CPU 1 sharing its
+/// connections out between them in turn, one measured window for both: whatever slows the
+/// core in that window (a neighbour, steal, the clock) slows both, so their ratio resolves
+/// differences that sequential runs drown in the host's drift. The scheduler shares the core
+/// equally between two busy threads, so requests/s divide as the inverse of CPU per request.
+pub fn run_side_by_side(
+    bins: &Bins,
+    cases: [Case; 2],
+    timing: &Timing,
+    pg_url: &str,
+) -> anyhow::Result<[Measured; 2]> {
+    let placement = Placement::Pinned;
+    let mut servers = [
+        start_server(bins, cases[0], placement, pg_url)?,
+        start_server(bins, cases[1], placement, pg_url)?,
+    ];
+    let measured = drive(
+        bins,
+        &mut servers,
+        placement,
+        timing,
+        &RunOptions::default(),
+    )?;
+    measured
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("one result per server expected"))
+}
+
+/// A server process of one case, listening, with what it needs in its own temporary folder.
+struct Server {
+    case: Case,
+    process: Guard,
+    addr: SocketAddr,
+    log: PathBuf,
+    credentials: Option<(String, String)>,
+    idle_rss_kb: Option<u64>,
+    /// The PostgreSQL schema of the run, dropped with the server.
+    schema: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+        if let Some((url, schema)) = &self.schema {
+            drop_pg_schema(url, schema);
+        }
+    }
+}
+
+/// Starts `ceiling` or a gateway case (policy folder, store, client) and waits until it listens.
+fn start_server(
+    bins: &Bins,
+    case: Case,
+    placement: Placement,
+    pg_url: &str,
+) -> anyhow::Result<Server> {
     let tmp = tempfile::Builder::new().prefix("bench-").tempdir()?;
     let dir = tmp.path();
     let log = dir.join("server.log");
-    let workers = placement.workers().to_string();
-    let secs = |d: Duration| format!("{}", d.as_secs_f64());
-
+    let addr = free_addr()?;
     let mut schema = None;
     let mut credentials = None;
-    let addr = free_addr()?;
-    let mut server_cmd = match case {
+    let mut cmd = match case {
         Case::Ceiling => {
             let mut c = placement.command(0, &bins.ceiling);
             c.arg(addr.to_string());
             c
         }
-        Case::SqliteRef => {
-            let mut c = placement.command(0, &bins.bench);
-            c.arg("sqlite-ref")
-                .arg("--url")
-                .arg(format!("sqlite://{}/t.db", dir.display()))
-                .arg("--tasks")
-                .arg(timing.conns.to_string())
-                .arg("--warmup")
-                .arg(secs(timing.warmup))
-                .arg("--secs")
-                .arg(secs(timing.duration));
-            c
-        }
+        Case::SqliteRef => bail!("sqlite-ref is not a server"),
         _ => {
-            schema = write_policies(case, dir, pg_url)?;
+            schema = write_policies(case, dir, pg_url)?.map(|s| (pg_url.to_owned(), s));
             if !matches!(case, Case::Chain | Case::ChainMetricsOff) {
                 credentials = Some(add_client(&bins.gateway, dir)?);
             }
@@ -448,60 +503,48 @@ pub fn run_case(
             c
         }
     };
-    server_cmd
-        .env("GATEWAY_WORKER_THREADS", &workers)
+    cmd.env("GATEWAY_WORKER_THREADS", placement.workers().to_string())
         .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(&log)?);
-    let result = if case == Case::SqliteRef {
-        run_store_reference(server_cmd, case, placement)
-    } else {
-        server_cmd
-            .stdout(std::fs::File::create(dir.join("server.out"))?)
-            .stdin(Stdio::null());
-        let server = Guard(
-            server_cmd
-                .spawn()
-                .with_context(|| format!("starting the {} server", case.name()))?,
-        );
-        run_http(
-            bins,
-            server,
-            case,
-            placement,
-            timing,
-            addr,
-            &log,
-            credentials,
-            opts,
-        )
+        .stderr(std::fs::File::create(&log)?)
+        .stdout(std::fs::File::create(dir.join("server.out"))?)
+        .stdin(Stdio::null());
+    let process = Guard(
+        cmd.spawn()
+            .with_context(|| format!("starting the {} server", case.name()))?,
+    );
+    let mut server = Server {
+        case,
+        process,
+        addr,
+        log,
+        credentials,
+        idle_rss_kb: None,
+        schema,
+        _dir: tmp,
     };
-    if let Some(schema) = schema {
-        drop_pg_schema(pg_url, &schema);
-    }
-    result
+    wait_listening(addr, &mut server.process.0, &server.log)?;
+    std::thread::sleep(Duration::from_millis(300));
+    server.idle_rss_kb = procfs::status_kb(&server.process.0.id().to_string(), "VmRSS");
+    Ok(server)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_http(
+/// Loads `servers` from one generator process (connections shared out in turn) and measures
+/// each over the generator's one window.
+fn drive(
     bins: &Bins,
-    mut server: Guard,
-    case: Case,
+    servers: &mut [Server],
     placement: Placement,
     timing: &Timing,
-    addr: SocketAddr,
-    log: &Path,
-    credentials: Option<(String, String)>,
     opts: &RunOptions,
-) -> anyhow::Result<Measured> {
-    wait_listening(addr, &mut server.0, log)?;
-    std::thread::sleep(Duration::from_millis(300));
-    let server_pid = server.0.id();
-    let idle_rss_kb = procfs::status_kb(&server_pid.to_string(), "VmRSS");
+) -> anyhow::Result<Vec<Measured>> {
+    let refresh = servers[0].credentials.is_some();
+    if servers.iter().any(|s| s.credentials.is_some() != refresh) {
+        bail!("servers driven together must take the same kind of request");
+    }
+    let pids: Vec<u32> = servers.iter().map(|s| s.process.0.id()).collect();
 
     let mut lg = placement.command(1, &bins.bench);
     lg.arg("loadgen")
-        .arg("--addr")
-        .arg(addr.to_string())
         .arg("--conns")
         .arg(timing.conns.to_string())
         .arg("--threads")
@@ -510,13 +553,14 @@ fn run_http(
         .arg(timing.warmup.as_secs_f64().to_string())
         .arg("--secs")
         .arg(timing.duration.as_secs_f64().to_string());
-    match &credentials {
-        Some((id, secret)) => {
+    for s in servers.iter() {
+        lg.arg("--addr").arg(s.addr.to_string());
+        if let Some((id, secret)) = &s.credentials {
             lg.arg("--client-id").arg(id).arg("--secret").arg(secret);
         }
-        None => {
-            lg.arg("--path").arg("/");
-        }
+    }
+    if !refresh {
+        lg.arg("--path").arg("/");
     }
     lg.stdout(Stdio::piped()).stdin(Stdio::null());
     let mut loadgen = Guard(lg.spawn().context("starting the load generator")?);
@@ -525,14 +569,15 @@ fn run_http(
 
     let mut start = None;
     let mut stop = None;
-    let mut outcome = None;
+    let mut outcomes = Vec::new();
     let mut perf = None;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         match line.as_str() {
             "START" => {
-                start = Some(sample(server_pid, lg_pid));
+                start = Some(sample(&pids, lg_pid));
                 if let Some(file) = &opts.perf {
+                    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
                     perf = Some(Guard(
                         Command::new("perf")
                             // DWARF unwinding: release builds have no frame pointers.
@@ -547,7 +592,7 @@ fn run_http(
                             ])
                             .arg(file)
                             .arg("-p")
-                            .arg(server_pid.to_string())
+                            .arg(pids.join(","))
                             .stdout(Stdio::null())
                             .stderr(Stdio::null())
                             .spawn()
@@ -556,7 +601,7 @@ fn run_http(
                 }
             }
             "STOP" => {
-                stop = Some(sample(server_pid, lg_pid));
+                stop = Some(sample(&pids, lg_pid));
                 if let Some(mut p) = perf.take() {
                     // SIGINT lets perf write its file; Guard's kill would lose it.
                     let _ = Command::new("kill")
@@ -568,7 +613,7 @@ fn run_http(
             }
             l if l.starts_with("RESULT ") => {
                 let v: serde_json::Value = serde_json::from_str(&l["RESULT ".len()..])?;
-                outcome = Some(Outcome::from_json(&v));
+                outcomes.push(Outcome::from_json(&v));
             }
             _ => {}
         }
@@ -577,36 +622,45 @@ fn run_http(
     if !status.success() {
         bail!("the load generator failed ({status})");
     }
-    let peak_rss_kb = procfs::status_kb(&server_pid.to_string(), "VmHWM");
-    if let Some(s) = server.0.try_wait()? {
-        let log = std::fs::read_to_string(log).unwrap_or_default();
-        bail!("the server exited during the run ({s}):\n{log}");
-    }
-    let (Some(start), Some(stop), Some(outcome)) = (start, stop, outcome) else {
-        bail!("the load generator did not report a window and a result");
+    let (Some(start), Some(stop)) = (start, stop) else {
+        bail!("the load generator did not report a window");
     };
-    Ok(measured(
-        case,
-        placement,
-        outcome,
-        &start,
-        &stop,
-        idle_rss_kb,
-        peak_rss_kb,
-    ))
+    if outcomes.len() != servers.len() {
+        bail!(
+            "the load generator reported {} results for {} servers",
+            outcomes.len(),
+            servers.len()
+        );
+    }
+    let mut all = Vec::with_capacity(servers.len());
+    for (i, (server, outcome)) in servers.iter_mut().zip(outcomes).enumerate() {
+        let peak_rss_kb = procfs::status_kb(&server.process.0.id().to_string(), "VmHWM");
+        if let Some(status) = server.process.0.try_wait()? {
+            let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+            bail!(
+                "the {} server exited during the run ({status}):\n{log}",
+                server.case.name()
+            );
+        }
+        let mut m = measured(server.case, placement, outcome, &start, &stop, i);
+        m.idle_rss_kb = server.idle_rss_kb;
+        m.peak_rss_kb = peak_rss_kb;
+        all.push(m);
+    }
+    Ok(all)
 }
 
+/// The figures of server `i` over the window from `start` to `stop`.
 fn measured(
     case: Case,
     placement: Placement,
     outcome: Outcome,
     start: &Sample,
     stop: &Sample,
-    idle_rss_kb: Option<u64>,
-    peak_rss_kb: Option<u64>,
+    i: usize,
 ) -> Measured {
     let wall_us = stop.at.duration_since(start.at).as_secs_f64() * 1e6;
-    let server_cpu = stop.server_cpu - start.server_cpu;
+    let server_cpu = stop.servers_cpu[i].us_since(&start.servers_cpu[i]);
     let (steal, total) = (
         stop.steal.0.saturating_sub(start.steal.0),
         stop.steal.1.saturating_sub(start.steal.1),
@@ -620,14 +674,14 @@ fn measured(
             0.0
         },
         server_cpu_pct: 100.0 * server_cpu / wall_us,
-        loadgen_cpu_pct: 100.0 * (stop.loadgen_cpu - start.loadgen_cpu) / wall_us,
+        loadgen_cpu_pct: 100.0 * stop.loadgen_cpu.us_since(&start.loadgen_cpu) / wall_us,
         steal_pct: if total > 0 {
             100.0 * steal as f64 / total as f64
         } else {
             0.0
         },
-        idle_rss_kb,
-        peak_rss_kb,
+        idle_rss_kb: None,
+        peak_rss_kb: None,
         outcome,
     }
 }
@@ -635,11 +689,28 @@ fn measured(
 /// The store-only reference: the `bench sqlite-ref` process is both the load and the server;
 /// it reports its window on stdout like the load generator and waits for stdin to close.
 fn run_store_reference(
-    mut cmd: Command,
-    case: Case,
+    bins: &Bins,
     placement: Placement,
+    timing: &Timing,
 ) -> anyhow::Result<Measured> {
-    cmd.stdout(Stdio::piped()).stdin(Stdio::piped());
+    let tmp = tempfile::Builder::new().prefix("bench-").tempdir()?;
+    let dir = tmp.path();
+    let secs = |d: Duration| d.as_secs_f64().to_string();
+    let mut cmd = placement.command(0, &bins.bench);
+    cmd.arg("sqlite-ref")
+        .arg("--url")
+        .arg(format!("sqlite://{}/t.db", dir.display()))
+        .arg("--tasks")
+        .arg(timing.conns.to_string())
+        .arg("--warmup")
+        .arg(secs(timing.warmup))
+        .arg("--secs")
+        .arg(secs(timing.duration))
+        .env("GATEWAY_WORKER_THREADS", placement.workers().to_string())
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(dir.join("server.log"))?)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::piped());
     let mut child = Guard(cmd.spawn().context("starting sqlite-ref")?);
     let pid = child.0.id();
     let stdout = child.0.stdout.take().context("stdout")?;
@@ -649,10 +720,8 @@ fn run_store_reference(
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         match line.as_str() {
-            "START" => start = Some(sample(pid, pid)),
-            "STOP" => {
-                stop = Some(sample(pid, pid));
-            }
+            "START" => start = Some(sample(&[pid], pid)),
+            "STOP" => stop = Some(sample(&[pid], pid)),
             l if l.starts_with("RESULT ") => {
                 let v: serde_json::Value = serde_json::from_str(&l["RESULT ".len()..])?;
                 outcome = Some(Outcome::from_json(&v));
@@ -671,7 +740,8 @@ fn run_store_reference(
     let (Some(start), Some(stop), Some(outcome)) = (start, stop, outcome) else {
         bail!("sqlite-ref did not report a window and a result");
     };
-    let mut m = measured(case, placement, outcome, &start, &stop, None, peak);
+    let mut m = measured(Case::SqliteRef, placement, outcome, &start, &stop, 0);
+    m.peak_rss_kb = peak;
     // The reference is its own load: no separate generator.
     m.loadgen_cpu_pct = 0.0;
     Ok(m)

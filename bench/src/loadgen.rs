@@ -6,6 +6,9 @@
 //! Refresh mode: each connection first gets a pair through a client_credentials grant, then
 //! replays the refresh token it was just given, so every request consumes one token (a broken
 //! chain is re-seeded and counted as an error).
+//!
+//! Several targets (the side-by-side runs): connection `i` goes to target `i % n`, every target
+//! shares the one measured window, and each gets its own [`Outcome`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,15 +33,23 @@ pub enum Mode {
     Refresh { client_id: String, secret: String },
 }
 
+/// One server the generator loads, and what its connections send.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub mode: Mode,
+}
+
 #[derive(Clone, Debug)]
 pub struct Spec {
-    pub addr: SocketAddr,
+    /// Connection `i` goes to `targets[i % targets.len()]`.
+    pub targets: Vec<Target>,
+    /// Connections in all, over every target.
     pub conns: usize,
     /// Tokio threads of the generator (1: a current-thread runtime).
     pub threads: usize,
     pub warmup: Duration,
     pub duration: Duration,
-    pub mode: Mode,
 }
 
 /// One run's figures (the measured window only).
@@ -101,9 +112,10 @@ struct Tally {
     io_errors: u64,
 }
 
-/// Runs the load. `on_phase("START" | "STOP")` is called when the measured window opens and
-/// closes, so that the caller can sample the server's CPU time at the same instants.
-pub fn run(spec: &Spec, on_phase: impl Fn(&str)) -> anyhow::Result<Outcome> {
+/// Runs the load; one [`Outcome`] per target, in the order of `spec.targets`.
+/// `on_phase("START" | "STOP")` is called when the measured window opens and closes, so that
+/// the caller can sample the servers' CPU time at the same instants.
+pub fn run(spec: &Spec, on_phase: impl Fn(&str)) -> anyhow::Result<Vec<Outcome>> {
     let rt = if spec.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -117,13 +129,19 @@ pub fn run(spec: &Spec, on_phase: impl Fn(&str)) -> anyhow::Result<Outcome> {
     rt.block_on(run_async(spec, on_phase))
 }
 
-async fn run_async(spec: &Spec, on_phase: impl Fn(&str)) -> anyhow::Result<Outcome> {
+async fn run_async(spec: &Spec, on_phase: impl Fn(&str)) -> anyhow::Result<Vec<Outcome>> {
+    if spec.targets.is_empty() {
+        bail!("the load generator needs at least one target");
+    }
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let mut tasks = Vec::with_capacity(spec.conns);
-    for _ in 0..spec.conns {
+    for i in 0..spec.conns {
         let phase = phase.clone();
-        let spec = spec.clone();
-        tasks.push(tokio::spawn(async move { connection(spec, phase).await }));
+        let target = spec.targets[i % spec.targets.len()].clone();
+        tasks.push((
+            i % spec.targets.len(),
+            tokio::spawn(async move { connection(target, phase).await }),
+        ));
     }
     tokio::time::sleep(spec.warmup).await;
     phase.store(MEASURE, Ordering::SeqCst);
@@ -134,42 +152,52 @@ async fn run_async(spec: &Spec, on_phase: impl Fn(&str)) -> anyhow::Result<Outco
     let elapsed = start.elapsed();
     on_phase("STOP");
 
-    let mut all = Tally::default();
-    for t in tasks {
+    let mut per_target: Vec<Tally> = spec.targets.iter().map(|_| Tally::default()).collect();
+    for (target, t) in tasks {
         let t = t.await.context("load connection task")?;
+        let all = &mut per_target[target];
         all.latencies_ns.extend_from_slice(&t.latencies_ns);
         all.ok += t.ok;
         all.non_2xx += t.non_2xx;
         all.io_errors += t.io_errors;
     }
-    all.latencies_ns.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.latencies_ns.is_empty() {
-            return 0.0;
+    Ok(per_target
+        .into_iter()
+        .map(|all| all.outcome(elapsed))
+        .collect())
+}
+
+impl Tally {
+    fn outcome(mut self, elapsed: Duration) -> Outcome {
+        self.latencies_ns.sort_unstable();
+        let lat = &self.latencies_ns;
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len());
+            lat[i - 1] as f64 / 1000.0
+        };
+        Outcome {
+            requests: self.ok,
+            non_2xx: self.non_2xx,
+            io_errors: self.io_errors,
+            elapsed_secs: elapsed.as_secs_f64(),
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            max_us: pct(1.0),
         }
-        let i =
-            ((all.latencies_ns.len() as f64 * p).ceil() as usize).clamp(1, all.latencies_ns.len());
-        all.latencies_ns[i - 1] as f64 / 1000.0
-    };
-    Ok(Outcome {
-        requests: all.ok,
-        non_2xx: all.non_2xx,
-        io_errors: all.io_errors,
-        elapsed_secs: elapsed.as_secs_f64(),
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        max_us: pct(1.0),
-    })
+    }
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn connection(spec: Spec, phase: Arc<AtomicU8>) -> Tally {
+async fn connection(target: Target, phase: Arc<AtomicU8>) -> Tally {
     let mut tally = Tally {
         latencies_ns: Vec::with_capacity(1 << 14),
         ..Tally::default()
     };
-    let auth = match &spec.mode {
+    let auth = match &target.mode {
         Mode::Refresh { client_id, secret } => {
             use base64::Engine as _;
             base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}"))
@@ -181,7 +209,7 @@ async fn connection(spec: Spec, phase: Arc<AtomicU8>) -> Tally {
     let mut req = Vec::with_capacity(512);
     while phase.load(Ordering::Relaxed) != STOP {
         if conn.is_none() {
-            match TcpStream::connect(spec.addr).await {
+            match TcpStream::connect(target.addr).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     conn = Some(Conn::new(s));
@@ -195,7 +223,7 @@ async fn connection(spec: Spec, phase: Arc<AtomicU8>) -> Tally {
         }
         let c = conn.as_mut().expect("connected above");
         req.clear();
-        let seeding = match &spec.mode {
+        let seeding = match &target.mode {
             Mode::Get { path } => {
                 req.extend_from_slice(b"GET ");
                 req.extend_from_slice(path.as_bytes());
@@ -237,7 +265,7 @@ async fn connection(spec: Spec, phase: Arc<AtomicU8>) -> Tally {
                 } else if seeding && !ok {
                     tally.non_2xx += 1;
                 }
-                if let Mode::Refresh { .. } = spec.mode {
+                if let Mode::Refresh { .. } = target.mode {
                     // A failed refresh breaks the chain: the next request seeds a new one.
                     refresh_token = if ok {
                         json_string(&resp.body, "refresh_token")

@@ -8,12 +8,16 @@
 //!
 //! It builds the `gateway` binary into its own target dir first, then runs, for each placement
 //! (pinned: server on CPU 0 with one worker, generator on CPU 1; unpinned: two of each), each
-//! repetition as `ceiling, chain, chain-metrics-off, ceiling, refresh-memory, ceiling, metrics-off, metrics-on,
-//! ceiling, sqlite-ref, refresh-sqlite, ceiling, refresh-postgres`, and reports every case as a
-//! ratio to the run of its reference right before it.
+//! repetition as `ceiling, chain, chain-metrics-off, ceiling, refresh-memory, ceiling,
+//! metrics-off, metrics-on, ceiling, sqlite-ref, refresh-sqlite, ceiling, refresh-postgres`, and
+//! reports every case as a ratio to the run of its reference right before it. Each repetition
+//! ends with the monitoring pairs side by side (both servers on CPU 0 at once, each pair both
+//! ways, and a control of metrics-on beside itself), from which the metrics-cost targets are
+//! judged.
 //!
 //! Subcommands are the pieces it runs in their own processes (and that you can run alone):
-//! `one CASE` (one run, JSON; `--perf FILE` records the server with `perf`), `loadgen`,
+//! `one CASE` (one run, JSON; `--perf FILE` records the server with `perf`), `side A B` (two
+//! servers at once on one core, the side-by-side measurement of the metrics cost), `loadgen`,
 //! `sqlite-ref`, `mem-tokens`.
 
 #![forbid(unsafe_code)]
@@ -39,8 +43,12 @@ usage:
   bench [--quick] [--reps N] [--warmup SECS] [--secs SECS] [--conns N] [--cases a,b,...]
         [--pinned-only] [--mem-pairs N] [--out FILE] [--no-build]
   bench one CASE [--unpinned] [--warmup SECS] [--secs SECS] [--conns N] [--perf FILE] [--no-build]
+  bench side CASE_A CASE_B [--warmup SECS] [--secs SECS] [--conns N] [--no-build]
+                (both servers at once on CPU 0, one generator on CPU 1; JSON of each, then B ÷ A)
   bench loadgen --addr ADDR [--conns N] [--threads N] [--warmup SECS] [--secs SECS]
                 (--path PATH | --client-id ID --secret SECRET)
+                (--addr, --client-id and --secret repeated: several targets, connections
+                shared out in turn, one RESULT line each)
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
   bench mem-tokens --kind memory|hashmap|moka [--pairs N]
 
@@ -89,6 +97,14 @@ impl Args {
             .find(|(n, _)| n == name)
             .and_then(|(_, v)| v.as_deref())
     }
+    /// Every value of a flag that may be repeated, in order.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.flags
+            .iter()
+            .filter(|(n, _)| n == name)
+            .filter_map(|(_, v)| v.as_deref())
+            .collect()
+    }
     fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T> {
         match self.get(name) {
             None => Ok(default),
@@ -108,6 +124,7 @@ fn main() -> anyhow::Result<()> {
     match args.positional.first().map(String::as_str) {
         None | Some("run") => run_all(&args),
         Some("one") => one(&args),
+        Some("side") => side(&args),
         Some("loadgen") => loadgen_cmd(&args),
         Some("sqlite-ref") => sqlite_ref(&args),
         Some("mem-tokens") => mem_tokens(&args),
@@ -202,6 +219,34 @@ fn one(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn side(args: &Args) -> anyhow::Result<()> {
+    let case = |i: usize| -> anyhow::Result<Case> {
+        let name = args.positional.get(i).context("bench side CASE_A CASE_B")?;
+        Case::parse(name).with_context(|| format!("unknown case {name:?}\n{USAGE}"))
+    };
+    let cases = [case(1)?, case(2)?];
+    let bins = Bins::beside_current_exe()?;
+    if !args.has("--no-build") {
+        harness::build_gateway(&bins)?;
+    }
+    let timing = Timing {
+        warmup: secs(args.num("--warmup", 1.0)?),
+        duration: secs(args.num("--secs", 3.0)?),
+        conns: args.num("--conns", 64)?,
+    };
+    let [a, b] = cases::run_side_by_side(&bins, cases, &timing, &cases::default_pg_url())?;
+    println!("{}", harness::measured_json(&a));
+    println!("{}", harness::measured_json(&b));
+    println!(
+        "{}",
+        serde_json::json!({
+            "rps_b_over_a": b.outcome.rps() / a.outcome.rps(),
+            "cpu_per_req_b_over_a": b.server_cpu_us_per_req / a.server_cpu_us_per_req,
+        })
+    );
+    Ok(())
+}
+
 /// Prints `START`, `STOP` and `RESULT {json}` lines for the harness.
 fn phase_printer(phase: &str) {
     let mut out = std::io::stdout().lock();
@@ -210,30 +255,50 @@ fn phase_printer(phase: &str) {
 }
 
 fn loadgen_cmd(args: &Args) -> anyhow::Result<()> {
-    let addr: SocketAddr = args
-        .get("--addr")
-        .context("--addr")?
-        .parse()
-        .context("--addr")?;
-    let mode = match (args.get("--client-id"), args.get("--secret")) {
-        (Some(id), Some(secret)) => loadgen::Mode::Refresh {
-            client_id: id.to_owned(),
-            secret: secret.to_owned(),
-        },
-        _ => loadgen::Mode::Get {
-            path: args.get("--path").unwrap_or("/").to_owned(),
-        },
-    };
+    let addrs = args
+        .all("--addr")
+        .into_iter()
+        .map(|a| {
+            a.parse::<SocketAddr>()
+                .with_context(|| format!("--addr {a}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if addrs.is_empty() {
+        bail!("--addr is needed (once per target)");
+    }
+    let (ids, secrets) = (args.all("--client-id"), args.all("--secret"));
+    let refresh = !ids.is_empty() || !secrets.is_empty();
+    if refresh && (ids.len() != addrs.len() || secrets.len() != addrs.len()) {
+        bail!("refresh mode needs one --client-id and one --secret per --addr, in the same order");
+    }
+    let targets = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &addr)| loadgen::Target {
+            addr,
+            mode: if refresh {
+                loadgen::Mode::Refresh {
+                    client_id: ids[i].to_owned(),
+                    secret: secrets[i].to_owned(),
+                }
+            } else {
+                loadgen::Mode::Get {
+                    path: args.get("--path").unwrap_or("/").to_owned(),
+                }
+            },
+        })
+        .collect();
     let spec = loadgen::Spec {
-        addr,
+        targets,
         conns: args.num("--conns", 64)?,
         threads: args.num("--threads", 1)?,
         warmup: secs(args.num("--warmup", 1.0)?),
         duration: secs(args.num("--secs", 3.0)?),
-        mode,
     };
-    let outcome = loadgen::run(&spec, phase_printer)?;
-    println!("RESULT {}", outcome.to_json());
+    // One RESULT line per target, in the order of the --addr flags.
+    for outcome in loadgen::run(&spec, phase_printer)? {
+        println!("RESULT {}", outcome.to_json());
+    }
     Ok(())
 }
 
