@@ -427,6 +427,12 @@ pub fn run_side_by_side(
     timing: &Timing,
     pg_url: &str,
 ) -> anyhow::Result<[Measured; 2]> {
+    if timing.conns < 2 || timing.conns % 2 != 0 {
+        bail!(
+            "side by side needs an even number of connections (each server gets half), not {}",
+            timing.conns
+        );
+    }
     let placement = Placement::Pinned;
     let mut servers = [
         start_server(bins, cases[0], placement, pg_url)?,

@@ -199,11 +199,7 @@ fn one(args: &Args) -> anyhow::Result<()> {
     } else {
         Placement::Pinned
     };
-    let timing = Timing {
-        warmup: secs(args.num("--warmup", 1.0)?),
-        duration: secs(args.num("--secs", 3.0)?),
-        conns: args.num("--conns", 64)?,
-    };
+    let timing = short_timing(args)?;
     let opts = RunOptions {
         perf: args.get("--perf").map(PathBuf::from),
     };
@@ -219,6 +215,15 @@ fn one(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The timing of `one` and `side`: 1 s warm-up and 3 s measured unless told.
+fn short_timing(args: &Args) -> anyhow::Result<Timing> {
+    Ok(Timing {
+        warmup: secs(args.num("--warmup", 1.0)?),
+        duration: secs(args.num("--secs", 3.0)?),
+        conns: args.num("--conns", 64)?,
+    })
+}
+
 fn side(args: &Args) -> anyhow::Result<()> {
     let case = |i: usize| -> anyhow::Result<Case> {
         let name = args.positional.get(i).context("bench side CASE_A CASE_B")?;
@@ -226,14 +231,10 @@ fn side(args: &Args) -> anyhow::Result<()> {
     };
     let cases = [case(1)?, case(2)?];
     let bins = Bins::beside_current_exe()?;
-    if !args.has("--no-build") {
+    if cases.iter().any(|c| c.needs_gateway()) && !args.has("--no-build") {
         harness::build_gateway(&bins)?;
     }
-    let timing = Timing {
-        warmup: secs(args.num("--warmup", 1.0)?),
-        duration: secs(args.num("--secs", 3.0)?),
-        conns: args.num("--conns", 64)?,
-    };
+    let timing = short_timing(args)?;
     let [a, b] = cases::run_side_by_side(&bins, cases, &timing, &cases::default_pg_url())?;
     println!("{}", harness::measured_json(&a));
     println!("{}", harness::measured_json(&b));

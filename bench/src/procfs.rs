@@ -70,19 +70,25 @@ impl CpuSample {
         }
     }
 
-    /// Microseconds of CPU from `start` to `self`: per thread, so that a thread that exits
-    /// in between takes only its own time along (it would make a process total go backwards)
-    /// and a thread started in between counts from zero.
+    /// Microseconds of CPU from `start` to `self`, summed per thread: a thread started in
+    /// between counts from zero, and one that exited in between is left out (its run time
+    /// in the window with it) instead of taking its whole life's time off the total. Where
+    /// that sum reads more than two ticks below the tick-counted total (schedstat reading
+    /// zeros on a kernel without scheduler statistics, or a thread that exited after working
+    /// in the window), the tick-counted figure is returned instead.
     pub fn us_since(&self, start: &CpuSample) -> f64 {
-        if self.threads_ns.is_empty() || start.threads_ns.is_empty() {
-            return self.ticks_us - start.ticks_us;
-        }
+        let ticks = self.ticks_us - start.ticks_us;
         let ns: u64 = self
             .threads_ns
             .iter()
             .map(|(tid, &ns)| ns.saturating_sub(start.threads_ns.get(tid).copied().unwrap_or(0)))
             .sum();
-        ns as f64 / 1000.0
+        let per_thread = ns as f64 / 1000.0;
+        if per_thread + 2.0 * 1e6 / clk_tck() < ticks {
+            ticks
+        } else {
+            per_thread
+        }
     }
 }
 
