@@ -427,7 +427,7 @@ pub fn run_side_by_side(
     timing: &Timing,
     pg_url: &str,
 ) -> anyhow::Result<[Measured; 2]> {
-    if timing.conns < 2 || timing.conns % 2 != 0 {
+    if timing.conns < 2 || !timing.conns.is_multiple_of(2) {
         bail!(
             "side by side needs an even number of connections (each server gets half), not {}",
             timing.conns
