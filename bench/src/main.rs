@@ -12,8 +12,8 @@
 //! metrics-off, metrics-on, ceiling, sqlite-ref, refresh-sqlite, ceiling, refresh-postgres`, and
 //! reports every case as a ratio to the run of its reference right before it. Each repetition
 //! ends with the monitoring pairs side by side (both servers on CPU 0 at once, each pair both
-//! ways, and a control of metrics-on beside itself), from which the metrics-cost targets are
-//! judged.
+//! ways, and for each a control of one case beside itself), from which the metrics-cost targets
+//! are judged.
 //!
 //! Subcommands are the pieces it runs in their own processes (and that you can run alone):
 //! `one CASE` (one run, JSON; `--perf FILE` records the server with `perf`), `side A B` (two

@@ -144,8 +144,8 @@ mod tests {
         assert!(status_kb("self", "VmHWM").unwrap() > 0);
     }
 
-    /// The per-thread sample sees CPU time far below a tick (10 ms), counts a thread started
-    /// between two samples, and does not go backwards when a thread exits.
+    /// The per-thread sample sees CPU time far below a tick (10 ms), and a thread started and
+    /// ended between two samples neither takes time off the total nor breaks the reading.
     #[test]
     fn thread_samples_resolve_below_a_tick() {
         let me = std::process::id();
