@@ -15,6 +15,9 @@
 # Usage: bench/scripts/instructions-callgrind.sh [SECONDS]   (default 10; needs valgrind, curl)
 #   CASES="chain refresh"   run only these (the summary lines need all five)
 #   KEEP=DIR                keep each case's callgrind output as DIR/CASE.out for callgrind_annotate
+#   CALLGRIND_OPTS="..."    more callgrind options, e.g. the cache simulation behind the I1-miss
+#                           figures of bench/PROFILING.md (read them with callgrind_annotate):
+#                           "--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=524288,8,64"
 # Builds with: CARGO_TARGET_DIR=target-bench cargo build --release -p bench -p engine
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -77,7 +80,7 @@ for case in ${CASES:-ceiling chain chain-off refresh refresh-off}; do
     refresh*) load=(--client-id "$id" --secret "$secret") ;;
     *) load=(--path /) ;;
   esac
-  GATEWAY_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/$case.out" \
+  GATEWAY_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind ${CALLGRIND_OPTS:-} --callgrind-out-file="$work/$case.out" \
     "${server[@]}" > "$work/$case.log" 2>&1 &
   vpid=$!
   for _ in $(seq 1 120); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.5; done
