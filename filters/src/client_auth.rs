@@ -238,8 +238,11 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
     if !v[..space].eq_ignore_ascii_case(b"basic") {
         return None;
     }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(v[space + 1..].trim_ascii())
+    // Into a `Vec` of ours: `decode` allocates its output zeroed (a `calloc`, which glibc
+    // serves past its per-thread cache).
+    let mut decoded = Vec::new();
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(v[space + 1..].trim_ascii(), &mut decoded)
         .ok()?;
     let mut id = String::from_utf8(decoded).ok()?;
     let colon = id.bytes().position(|b| b == b':')?;

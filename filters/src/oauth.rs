@@ -88,20 +88,22 @@ pub fn generate_token(len: usize) -> String {
     // 248 = 4 × 62 maps to a character without bias (`b >> 2`: each character from four byte
     // values), the rest are dropped.
     let mut rng = rand::rng();
-    let mut token = vec![0u8; len];
-    let mut filled = 0;
+    // Not `vec![0; len]`: that is a `calloc`, which glibc serves past its per-thread cache
+    // (≈ 200 instructions against ≈ 30 for the `malloc` of `with_capacity`).
+    let mut token = Vec::with_capacity(len);
     let mut block = [0u8; 64];
-    while filled < len {
+    while token.len() < len {
         rng.fill_bytes(&mut block);
+        // The whole block mapped without a branch per byte (a dropped byte is overwritten
+        // by the next), then as many characters as are still missing.
+        let mut chars = [0u8; 64];
+        let mut n = 0;
         for &b in &block {
-            if b < 248 {
-                token[filled] = ALPHABET[usize::from(b >> 2)];
-                filled += 1;
-                if filled == len {
-                    break;
-                }
-            }
+            chars[n] = ALPHABET[usize::from(b >> 2).min(61)];
+            n += usize::from(b < 248);
         }
+        let take = n.min(len - token.len());
+        token.extend_from_slice(&chars[..take]);
     }
     String::from_utf8(token).expect("the alphabet is ASCII")
 }
