@@ -70,7 +70,13 @@ pub async fn serve<S, F>(
     http.max_headers(limits.max_headers)
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) + limits.max_body_bytes.max(8192))
-        .keep_alive(limits.keep_alive);
+        .keep_alive(limits.keep_alive)
+        // A client may shut its write side once its request is sent (HTTP/1.1 allows it)
+        // and still gets its answer; a request in flight ends by itself or at the request
+        // timeout. Without it hyper watches for that EOF while each request is in flight: a
+        // read attempt per request with a body, which allocates a fresh 8 KiB read buffer
+        // because the request still holds the old one (≈ 650 instructions per refresh grant).
+        .half_close(true);
     let counts_connections = kind == Listener::Public;
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));

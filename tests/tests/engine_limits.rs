@@ -455,3 +455,31 @@ async fn a_body_that_does_not_arrive_in_time_is_408_and_closed() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    use tokio::io::AsyncReadExt;
+    let (_dir, gw) = gateway().await;
+    // HTTP/1.1 lets a client shut its write side once the request is sent. The server must
+    // still answer: here a request with a body, and one whose chain waits (the request
+    // timeout answers it, 504 after 1 s), during which the client's FIN arrives.
+    let mut echo = form_head(4).into_bytes();
+    echo.extend_from_slice(b"b=hi");
+    let slow = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    for (req, status, body) in [(echo, "200", "b=hi"), (slow, "504", "")] {
+        let mut s = tokio::net::TcpStream::connect(gw.public_addr)
+            .await
+            .unwrap();
+        s.write_all(&req).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out))
+            .await
+            .expect("the server answered and closed within the window")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text:?}");
+        assert!(text.ends_with(body), "{text:?}");
+    }
+    gw.shutdown().await;
+}
