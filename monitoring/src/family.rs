@@ -354,16 +354,17 @@ mod tests {
                             cell.observe_in_row(t, 2, 5_000_000);
                         }
                     }
-                    // And once through the thread's own number.
-                    cell.observe(Duration::from_nanos(1));
                 });
             }
         });
-        let total = threads as u64 * (per_thread + 1);
+        // And once through this thread's own number, alone: a spawned thread's number could
+        // be one of the rows named above.
+        cell.observe(Duration::from_nanos(1));
+        let total = threads as u64 * per_thread + 1;
         let mfs = f.collect();
         let h = mfs[0].get_metric()[0].get_histogram();
         assert_eq!(h.get_sample_count(), total);
-        let small = threads as u64 * (per_thread / 2 + 1);
+        let small = threads as u64 * per_thread / 2 + 1;
         assert_eq!(h.get_bucket()[0].cumulative_count(), small);
         assert_eq!(h.get_bucket()[2].cumulative_count(), total);
         let want_sum = small as f64 * 1e-9 + (total - small) as f64 * 0.005;
