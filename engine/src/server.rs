@@ -71,12 +71,15 @@ pub async fn serve<S, F>(
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192) + limits.max_body_bytes.max(8192))
         .keep_alive(limits.keep_alive)
-        // A client may shut its write side once its request is sent (HTTP/1.1 allows it)
-        // and still gets its answer; a request in flight ends by itself or at the request
-        // timeout. Without it hyper watches for that EOF while each request is in flight: a
-        // read attempt per request with a body, which allocates a fresh 8 KiB read buffer
-        // because the request still holds the old one (≈ 650 instructions per refresh grant).
-        .half_close(true);
+        // Public listener: hyper does not watch for the client's EOF while a request is in
+        // flight. A client that shuts its write side after its request still gets the answer,
+        // and a request whose client went away runs to its end or to the request timeout,
+        // keeping its connection slot until then. Watching costs a read attempt for every
+        // request not answered at once, and for a request with a body a fresh 8 KiB read
+        // buffer, because the request still holds the old one (≈ 650 instructions per refresh
+        // grant). The admin listener has no request timeout, so it keeps hyper's default: an
+        // abandoned admin request is dropped.
+        .half_close(kind == Listener::Public);
     let counts_connections = kind == Listener::Public;
     let mut connections = tokio::task::JoinSet::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));

@@ -347,11 +347,11 @@ mod tests {
                 let cell = &cell;
                 s.spawn(move || {
                     for k in 0..per_thread {
-                        // Buckets 0 and 2 in turn; 1 ns and 5 ms.
+                        // 1 ns and 5 ms in turn: buckets 0 (le 1 ms) and 1 (le 10 ms).
                         if (k + t as u64).is_multiple_of(2) {
                             cell.observe_in_row(t, 0, 1);
                         } else {
-                            cell.observe_in_row(t, 2, 5_000_000);
+                            cell.observe_in_row(t, 1, 5_000_000);
                         }
                     }
                 });
@@ -366,6 +366,7 @@ mod tests {
         assert_eq!(h.get_sample_count(), total);
         let small = threads as u64 * per_thread / 2 + 1;
         assert_eq!(h.get_bucket()[0].cumulative_count(), small);
+        assert_eq!(h.get_bucket()[1].cumulative_count(), total);
         assert_eq!(h.get_bucket()[2].cumulative_count(), total);
         let want_sum = small as f64 * 1e-9 + (total - small) as f64 * 0.005;
         assert!(

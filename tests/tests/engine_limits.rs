@@ -460,13 +460,13 @@ async fn a_body_that_does_not_arrive_in_time_is_408_and_closed() {
 async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     use tokio::io::AsyncReadExt;
     let (_dir, gw) = gateway().await;
-    // HTTP/1.1 lets a client shut its write side once the request is sent. The server must
+    // A client may shut its write side once its request is sent. The server must
     // still answer: here a request with a body, and one whose chain waits (the request
     // timeout answers it, 504 after 1 s), during which the client's FIN arrives.
     let mut echo = form_head(4).into_bytes();
     echo.extend_from_slice(b"b=hi");
     let slow = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-    for (req, status, body) in [(echo, "200", "b=hi"), (slow, "504", "")] {
+    for (req, status, body) in [(echo, "200", "b=hi"), (slow, "504", r#""error":"timeout""#)] {
         let mut s = tokio::net::TcpStream::connect(gw.public_addr)
             .await
             .unwrap();
@@ -479,7 +479,7 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
             .unwrap();
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text:?}");
-        assert!(text.ends_with(body), "{text:?}");
+        assert!(text.contains(body), "{text:?}");
     }
     gw.shutdown().await;
 }
