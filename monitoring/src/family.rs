@@ -299,15 +299,20 @@ mod tests {
 
     static BOUNDS: [u64; 3] = [ns(0.001), ns(0.01), ns(0.1)];
 
-    #[test]
-    fn buckets_are_le_and_cumulative() {
-        let f = TimedFamily::new(FamilyDef {
-            counter: Some(("t_total", "help")),
-            histogram: ("t_seconds", "help"),
+    /// A family over [`BOUNDS`] with one label, exported as a histogram and a counter.
+    fn counted(total: &'static str, seconds: &'static str) -> TimedFamily {
+        TimedFamily::new(FamilyDef {
+            counter: Some((total, "help")),
+            histogram: (seconds, "help"),
             label_names: &["a"],
             bounds_ns: &BOUNDS,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn buckets_are_le_and_cumulative() {
+        let f = counted("t_total", "t_seconds");
         let cell = f.cell(&["x"]);
         cell.observe(Duration::from_millis(1)); // le=0.001 exactly
         cell.observe(Duration::from_nanos(1_000_001)); // just past it: le=0.01
@@ -329,13 +334,7 @@ mod tests {
 
     #[test]
     fn threads_with_rows_of_their_own_and_threads_sharing_one_lose_no_observation() {
-        let f = TimedFamily::new(FamilyDef {
-            counter: Some(("threads_total", "help")),
-            histogram: ("threads_seconds", "help"),
-            label_names: &["a"],
-            bounds_ns: &BOUNDS,
-        })
-        .unwrap();
+        let f = counted("threads_total", "threads_seconds");
         let cell = f.cell(&["x"]);
         // More threads than rows, all recording at once: thread t writes row t, so the
         // threads past the owned rows share the last one, where a plain addition would lose
