@@ -160,17 +160,18 @@ impl ClientCredentials {
             .monitor
             .time(StoreOp::Issue, self.base.store.issue(issue))
             .await?;
-        ex.set("oauth.scope", scope.clone());
         if self.base.monitor.enabled() {
             self.base.monitor.metrics.token_issued("client_credentials");
         }
-        Ok(Flow::Respond(oauth::token_response(
+        let response = oauth::token_response(
             &access,
             &self.base.access.token_type,
             self.base.access.expiry_secs,
             refresh.as_deref(),
             &scope,
-        )))
+        );
+        ex.set("oauth.scope", scope);
+        Ok(Flow::Respond(response))
     }
 }
 

@@ -303,18 +303,19 @@ impl RefreshAccessToken {
                         "store rotated without a decision".into(),
                     ));
                 };
-                ex.set("oauth.scope", m.scope.clone());
                 self.count("ok");
                 if self.base.monitor.enabled() {
                     self.base.monitor.metrics.token_issued("refresh_token");
                 }
-                Ok(Flow::Respond(oauth::token_response(
+                let response = oauth::token_response(
                     &m.access,
                     &self.base.access.token_type,
                     self.base.access.expiry_secs,
                     m.refresh.as_deref(),
                     &m.scope,
-                )))
+                );
+                ex.set("oauth.scope", m.scope);
+                Ok(Flow::Respond(response))
             }
             RotateOutcome::Rejected => {
                 let e = OAuthError::new(
