@@ -71,11 +71,15 @@ impl Walk {
     /// that must wait: [`Walk::run`] goes on from it.
     pub fn run_now(&mut self, policy: &Policy, ex: &mut Exchange) -> Option<Finished> {
         while let Some(i) = self.at {
-            let Some(flow) = policy.nodes[i].filter.on_request_now(ex) else {
+            // The answer stays in its `Option` until `after` matches it: binding it out of the
+            // `Option` here copies a whole `Flow` (a response's size, about 180 bytes) for
+            // every node, when most nodes just pass.
+            let answer = policy.nodes[i].filter.on_request_now(ex);
+            if answer.is_none() {
                 self.waiting = true;
                 return None;
-            };
-            if let Some(finished) = self.after(policy, i, ex, flow) {
+            }
+            if let Some(finished) = self.after(policy, i, ex, answer) {
                 return Some(finished);
             }
         }
@@ -94,7 +98,7 @@ impl Walk {
             self.waiting = false;
             let i = self.at.expect("run_now stops at a node");
             let flow = policy.nodes[i].filter.on_request(ex).await;
-            if let Some(finished) = self.after(policy, i, ex, flow) {
+            if let Some(finished) = self.after(policy, i, ex, Some(flow)) {
                 return finished;
             }
         }
@@ -117,12 +121,13 @@ impl Walk {
     }
 
     /// Takes node `i`'s answer: records it and moves to the next node, or ends the walk.
+    /// `None` (a node that gave no answer, which the callers never pass) is a filter error.
     fn after(
         &mut self,
         policy: &Policy,
         i: usize,
         ex: &mut Exchange,
-        flow: Result<Flow, FilterError>,
+        answer: Option<Result<Flow, FilterError>>,
     ) -> Option<Finished> {
         let node = &policy.nodes[i];
         if self.keep_trail {
@@ -137,38 +142,55 @@ impl Walk {
             }
             None => Duration::ZERO,
         };
-        let (response, outcome) = match flow {
-            Ok(Flow::Pass) => {
+        match answer {
+            Some(Ok(Flow::Pass)) => {
                 self.contexts.node(node, Outcome::Success, elapsed);
                 self.at = node.on_success;
-                return None;
+                None
             }
-            Ok(Flow::Respond(response)) => {
+            Some(Ok(Flow::Respond(response))) => {
                 let outcome = outcome_of(&response);
                 self.contexts.node(node, outcome, elapsed);
-                (response, outcome)
+                Some(self.finish(response, outcome))
             }
-            Ok(Flow::Fail(failure)) => {
+            Some(Ok(Flow::Fail(failure))) => {
                 self.contexts.node(node, Outcome::Failure, elapsed);
                 if let Some(next) = node.on_failure {
                     ex.set(FAILURE_REASON, failure.reason);
                     self.at = Some(next);
                     return None;
                 }
-                (failure.response, Outcome::Failure)
+                Some(self.finish(failure.response, Outcome::Failure))
             }
-            Err(e) => {
-                self.contexts.node(node, Outcome::Exception, elapsed);
-                tracing::error!(policy = %policy.name, node = %node.name, kind = node.kind, error = %e, "filter error");
-                (e.to_response(), Outcome::Exception)
+            Some(Err(e)) => Some(self.broke(policy, node, e, elapsed)),
+            None => {
+                let e = FilterError::Internal("the node gave no answer".into());
+                Some(self.broke(policy, node, e, elapsed))
             }
-        };
+        }
+    }
+
+    /// The walk ends with this response.
+    fn finish(&mut self, response: Response, outcome: Outcome) -> Finished {
         self.at = None;
-        Some(Finished {
+        Finished {
             response,
             outcome,
             trail: std::mem::take(&mut self.trail),
-        })
+        }
+    }
+
+    /// A node that broke: an exception, answered with the error's response.
+    fn broke(
+        &mut self,
+        policy: &Policy,
+        node: &Node,
+        e: FilterError,
+        elapsed: Duration,
+    ) -> Finished {
+        self.contexts.node(node, Outcome::Exception, elapsed);
+        tracing::error!(policy = %policy.name, node = %node.name, kind = node.kind, error = %e, "filter error");
+        self.finish(e.to_response(), Outcome::Exception)
     }
 
     /// The end of a chain whose last node passed: the response the nodes built.
