@@ -9,6 +9,7 @@ use serde::Deserialize;
 use store::clients::{ClientApplication, SharedRegistry};
 
 use crate::attributes::Param;
+use crate::backend::Backend;
 use crate::oauth::{ErrorCode, OAuthError};
 use crate::registry::{BuildContext, BuildError};
 use crate::{Exchange, FilterError};
@@ -53,6 +54,11 @@ pub struct ApplicationValidation {
 }
 
 impl ApplicationValidation {
+    /// The registry the clients are looked up in.
+    pub fn registry(&self) -> &dyn store::ClientRegistry {
+        &*self.registry
+    }
+
     pub fn build(
         config: ApplicationValidationConfig,
         cx: &BuildContext,
@@ -83,6 +89,7 @@ impl ApplicationValidation {
     pub async fn authenticate(
         &self,
         ex: &Exchange,
+        backend: &impl Backend,
     ) -> Result<Result<Arc<ClientApplication>, OAuthError>, FilterError> {
         let basic = self.config.client_credentials_in == CredentialsIn::AuthorizationHeader;
         let invalid = |d: &'static str| {
@@ -133,7 +140,7 @@ impl ApplicationValidation {
                 }
             }
         };
-        let Some(app) = self.registry.get(&id).await? else {
+        let Some(app) = backend.application(&id).await? else {
             return Ok(Err(invalid("client authentication failed")));
         };
         // Verify even for a disabled client, so both answers cost the same.
@@ -185,6 +192,7 @@ impl ApplicationValidation {
         ex: &mut Exchange,
         grant: GrantType,
         client_attribute: &'static str,
+        backend: &impl Backend,
     ) -> Result<Result<Arc<ClientApplication>, OAuthError>, FilterError> {
         if !ex.is_form() {
             return Ok(Err(OAuthError::new(
@@ -213,7 +221,7 @@ impl ApplicationValidation {
                 )));
             }
         }
-        let app = match self.authenticate(ex).await? {
+        let app = match self.authenticate(ex, backend).await? {
             Ok(app) => app,
             Err(e) => return Ok(Err(e)),
         };

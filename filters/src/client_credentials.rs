@@ -20,6 +20,7 @@ use serde::Deserialize;
 use store::{Digest, FamilyId, Grant, Issue, NewToken};
 
 use crate::attributes::Param;
+use crate::backend::{Backend, run_now};
 use crate::client_auth::{ApplicationValidationConfig, GrantType};
 use crate::monitor::{MonitoringConfig, StoreOp};
 use crate::oauth::{
@@ -85,12 +86,12 @@ impl ClientCredentials {
         Flow::Fail(e.into_failure())
     }
 
-    async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+    async fn grant(&self, ex: &mut Exchange, backend: &impl Backend) -> Result<Flow, FilterError> {
         let attribute = self.base.client_attribute;
         let app = match self
             .base
             .validation
-            .admit(ex, GrantType::ClientCredentials, attribute)
+            .admit(ex, GrantType::ClientCredentials, attribute, backend)
             .await?
         {
             Ok(app) => app,
@@ -158,7 +159,7 @@ impl ClientCredentials {
         };
         self.base
             .monitor
-            .time(StoreOp::Issue, self.base.store.issue(issue))
+            .time(StoreOp::Issue, backend.issue(issue))
             .await?;
         if self.base.monitor.enabled() {
             self.base.monitor.metrics.token_issued("client_credentials");
@@ -178,7 +179,12 @@ impl ClientCredentials {
 #[async_trait]
 impl Filter for ClientCredentials {
     async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        self.grant(ex).await
+        self.grant(ex, &self.base.waiting()).await
+    }
+
+    fn on_request_now(&self, ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
+        let backend = self.base.immediate()?;
+        Some(run_now(self.grant(ex, &backend)))
     }
 
     fn monitoring(&self) -> Option<&MonitoringConfig> {

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attributes;
+pub mod backend;
 pub mod basic;
 pub mod client_auth;
 pub mod client_credentials;
@@ -117,9 +118,10 @@ impl FilterError {
 pub trait Filter: Send + Sync + 'static {
     async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError>;
 
-    /// The same decision without a future, for kinds that never wait (see [`SyncFilter`]).
-    /// The engine asks this first and awaits [`Filter::on_request`] only on `None`, so a
-    /// synchronous node costs no boxed future per request.
+    /// The same decision without a future, for kinds that never wait (see [`SyncFilter`]),
+    /// and for the token filters when their store and registry never wait (see [`backend`]).
+    /// The engine asks this first and awaits [`Filter::on_request`] only on `None`, so such a
+    /// node costs no boxed future per request. `None` must mean that nothing was done yet.
     fn on_request_now(&self, _ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
         None
     }

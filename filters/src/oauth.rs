@@ -320,6 +320,19 @@ pub struct GrantBase {
 }
 
 impl GrantBase {
+    /// The registry and the store through their futures.
+    pub fn waiting(&self) -> crate::backend::Waiting<'_> {
+        crate::backend::Waiting {
+            registry: Some(self.validation.registry()),
+            store: &*self.store,
+        }
+    }
+
+    /// The registry and the store called on the spot, when neither ever waits.
+    pub fn immediate(&self) -> Option<crate::backend::Immediate<'_>> {
+        crate::backend::Immediate::of(Some(self.validation.registry()), &*self.store)
+    }
+
     /// `refresh` is the refresh token's `(expiry_secs, length)` when the filter issues one.
     pub fn build(
         validation: crate::client_auth::ApplicationValidationConfig,

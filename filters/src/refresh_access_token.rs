@@ -38,6 +38,7 @@ use sha2::{Digest as _, Sha256};
 use store::{Digest, Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcome};
 
 use crate::attributes::Param;
+use crate::backend::{Backend, run_now};
 use crate::client_auth::{ApplicationValidationConfig, GrantType};
 use crate::monitor::{MonitoringConfig, StoreOp};
 use crate::oauth::{
@@ -159,12 +160,12 @@ impl RefreshAccessToken {
         }
     }
 
-    async fn grant(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+    async fn grant(&self, ex: &mut Exchange, backend: &impl Backend) -> Result<Flow, FilterError> {
         let attribute = self.base.client_attribute;
         let app = match self
             .base
             .validation
-            .admit(ex, GrantType::RefreshToken, attribute)
+            .admit(ex, GrantType::RefreshToken, attribute, backend)
             .await?
         {
             Ok(app) => app,
@@ -291,9 +292,7 @@ impl RefreshAccessToken {
             .monitor
             .time(
                 StoreOp::Rotate,
-                self.base
-                    .store
-                    .rotate(&digest, &app.client_id, now, &decide),
+                backend.rotate(&digest, &app.client_id, now, &decide),
             )
             .await?;
         match outcome {
@@ -346,7 +345,7 @@ impl RefreshAccessToken {
                 let revoked = self
                     .base
                     .monitor
-                    .time(StoreOp::RevokeFamily, self.base.store.revoke_family(family))
+                    .time(StoreOp::RevokeFamily, backend.revoke_family(family))
                     .await?;
                 tracing::warn!(client_id = %app.client_id, family = ?family, revoked, "refresh token reuse detected; token family revoked");
                 ex.set("refresh.reuse_detected", "true");
@@ -365,14 +364,26 @@ impl RefreshAccessToken {
     }
 }
 
-#[async_trait]
-impl Filter for RefreshAccessToken {
-    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
-        let flow = self.grant(ex).await;
+impl RefreshAccessToken {
+    /// Counts a grant that broke (a store or the registry unreachable).
+    fn counted(&self, flow: Result<Flow, FilterError>) -> Result<Flow, FilterError> {
         if flow.is_err() {
             self.count("error");
         }
         flow
+    }
+}
+
+#[async_trait]
+impl Filter for RefreshAccessToken {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        let flow = self.grant(ex, &self.base.waiting()).await;
+        self.counted(flow)
+    }
+
+    fn on_request_now(&self, ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
+        let backend = self.base.immediate()?;
+        Some(self.counted(run_now(self.grant(ex, &backend))))
     }
 
     fn monitoring(&self) -> Option<&MonitoringConfig> {
@@ -480,6 +491,84 @@ mod tests {
                 .headers()
                 .contains_key(http::header::RETRY_AFTER)
         );
+    }
+
+    /// The filter over a registry holding `app` (secret `s3cret`, scope `read`) and `store`.
+    async fn over(store: store::SharedStore) -> SharedFilter {
+        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
+        registry
+            .add(ClientApplication {
+                client_id: "app".into(),
+                name: "app".into(),
+                secret_digest: Digest::of("s3cret"),
+                enabled: true,
+                scopes: vec!["read".into()],
+                grant_types: vec!["refresh_token".into()],
+                created_at: 0,
+            })
+            .await
+            .unwrap();
+        let stores = HashMap::from([("tokens".to_owned(), store)]);
+        let cx = BuildContext {
+            stores: &stores,
+            registry: Some(registry),
+            monitoring: Arc::new(monitoring::Monitoring::new()),
+            policy: "p",
+            node: "refresh",
+            warnings: RefCell::new(Vec::new()),
+        };
+        build(serde_yaml::from_str("{}").unwrap(), &cx).unwrap()
+    }
+
+    fn refresh_request(token: &str) -> Exchange {
+        let (parts, ()) = http::Request::post("/oauth/token")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("authorization", "Basic YXBwOnMzY3JldA==") // app:s3cret
+            .body(())
+            .unwrap()
+            .into_parts();
+        Exchange::new(
+            parts,
+            Bytes::from(format!("grant_type=refresh_token&refresh_token={token}")),
+        )
+    }
+
+    #[tokio::test]
+    async fn over_the_memory_store_and_a_file_registry_a_grant_answers_without_a_future() {
+        let memory = Arc::new(store::memory::MemoryStore::new(1_000));
+        let (issue, pair) =
+            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
+        memory.issue(issue).await.unwrap();
+        let filter = over(memory.clone()).await;
+
+        let mut ex = refresh_request(&pair.refresh);
+        let Some(Ok(Flow::Respond(r))) = filter.on_request_now(&mut ex) else {
+            panic!("the grant did not answer on the spot");
+        };
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        let new_refresh = body["refresh_token"].as_str().unwrap();
+        // The rotation happened in the store: the old token is consumed, the new one rotates.
+        let mut again = refresh_request(&pair.refresh);
+        let Some(Ok(Flow::Fail(f))) = filter.on_request_now(&mut again) else {
+            panic!("a replayed token must fail");
+        };
+        assert_eq!(f.reason, "reuse_detected");
+        // Reuse revoked the family, the new refresh token with it.
+        let mut next = refresh_request(new_refresh);
+        let Some(Ok(Flow::Fail(f))) = filter.on_request_now(&mut next) else {
+            panic!("a token of a revoked family must fail");
+        };
+        assert_eq!(f.reason, "invalid_grant");
+    }
+
+    #[tokio::test]
+    async fn over_a_store_that_waits_the_filter_declines_to_answer_on_the_spot() {
+        let filter = over(Arc::new(RevocationFails)).await;
+        let mut ex = refresh_request("old");
+        assert!(filter.on_request_now(&mut ex).is_none());
+        // Nothing was decided on the way: the waiting path still sees the whole request.
+        assert!(filter.on_request(&mut ex).await.is_err());
     }
 
     #[test]

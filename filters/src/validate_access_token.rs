@@ -20,6 +20,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use store::{Digest, SharedStore};
 
+use crate::backend::{Backend, Immediate, Waiting, run_now};
 use crate::oauth::parse_scope;
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::{Exchange, Failure, Filter, FilterError, Flow, SharedFilter, json_response};
@@ -103,9 +104,8 @@ fn bearer(ex: &Exchange) -> Option<Result<&str, ()>> {
     }
 }
 
-#[async_trait]
-impl Filter for ValidateAccessToken {
-    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+impl ValidateAccessToken {
+    async fn check(&self, ex: &mut Exchange, backend: &impl Backend) -> Result<Flow, FilterError> {
         let token = match bearer(ex) {
             None => return Ok(self.deny(StatusCode::UNAUTHORIZED, None, "")),
             Some(Err(())) => {
@@ -114,7 +114,7 @@ impl Filter for ValidateAccessToken {
             Some(Ok(t)) => t,
         };
         let now = store::now();
-        let Some(at) = self.store.access_token(&Digest::of(token), now).await? else {
+        let Some(at) = backend.access_token(&Digest::of(token), now).await? else {
             return Ok(self.deny(StatusCode::UNAUTHORIZED, Some("invalid_token"), ""));
         };
         let granted = parse_scope(&at.grant.scope);
@@ -137,5 +137,21 @@ impl Filter for ValidateAccessToken {
             ex.set(format!("oauth.token.metadata.{k}"), v.clone());
         }
         Ok(Flow::Pass)
+    }
+}
+
+#[async_trait]
+impl Filter for ValidateAccessToken {
+    async fn on_request(&self, ex: &mut Exchange) -> Result<Flow, FilterError> {
+        let backend = Waiting {
+            registry: None,
+            store: &*self.store,
+        };
+        self.check(ex, &backend).await
+    }
+
+    fn on_request_now(&self, ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
+        let backend = Immediate::of(None, &*self.store)?;
+        Some(run_now(self.check(ex, &backend)))
     }
 }

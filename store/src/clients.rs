@@ -82,6 +82,17 @@ pub trait ClientRegistry: Send + Sync + 'static {
     async fn add(&self, app: ClientApplication) -> Result<(), RegistryError>;
     async fn set_enabled(&self, client_id: &str, enabled: bool) -> Result<(), RegistryError>;
     async fn set_secret(&self, client_id: &str, digest: Digest) -> Result<(), RegistryError>;
+
+    /// The same lookup without a future, when the registry never waits (the file registry,
+    /// held in memory). `None` (the default): lookups may wait on a database.
+    fn immediate(&self) -> Option<&dyn ImmediateRegistry> {
+        None
+    }
+}
+
+/// [`ClientRegistry::get`] without a future, for a registry that never waits.
+pub trait ImmediateRegistry: Send + Sync {
+    fn get_now(&self, client_id: &str) -> Result<Option<Arc<ClientApplication>>, RegistryError>;
 }
 
 pub type SharedRegistry = Arc<dyn ClientRegistry>;

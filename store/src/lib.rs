@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-pub use clients::{ClientApplication, ClientRegistry, RegistryError};
+pub use clients::{ClientApplication, ClientRegistry, ImmediateRegistry, RegistryError};
 pub use config::{StoreConfig, open_store};
 
 /// SHA-256 of a token (or secret). The only form in which a store ever holds a token.
@@ -301,6 +301,32 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// The same store without futures, when it never waits (the memory store): a filter then
+    /// answers without boxing a future per operation, and a request whose nodes all answer this
+    /// way runs without a request future at all. `None` (the default): every operation waits
+    /// on a database.
+    fn immediate(&self) -> Option<&dyn ImmediateStore> {
+        None
+    }
+}
+
+/// The operations of a [`TokenStore`] that never waits, called without a future. Each has the
+/// contract of the [`TokenStore`] method of the same name (less `_now`).
+pub trait ImmediateStore: Send + Sync {
+    fn issue_now(&self, issue: Issue) -> StoreResult<()>;
+
+    fn access_token_now(&self, digest: &Digest, now: UnixTime) -> StoreResult<Option<AccessToken>>;
+
+    fn rotate_now(
+        &self,
+        presented: &Digest,
+        client_id: &str,
+        now: UnixTime,
+        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+    ) -> StoreResult<RotateOutcome>;
+
+    fn revoke_family_now(&self, family: FamilyId) -> StoreResult<u64>;
 }
 
 pub type SharedStore = Arc<dyn TokenStore>;

@@ -435,22 +435,13 @@ impl MemoryStore {
     }
 }
 
-#[async_trait]
-impl TokenStore for MemoryStore {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
-    async fn issue(&self, issue: Issue) -> StoreResult<()> {
+impl ImmediateStore for MemoryStore {
+    fn issue_now(&self, issue: Issue) -> StoreResult<()> {
         self.write_issue(&issue, issue.family, issue.generation);
         Ok(())
     }
 
-    async fn access_token(
-        &self,
-        digest: &Digest,
-        now: UnixTime,
-    ) -> StoreResult<Option<AccessToken>> {
+    fn access_token_now(&self, digest: &Digest, now: UnixTime) -> StoreResult<Option<AccessToken>> {
         Ok(self
             .read(digest, |e| {
                 (e.kind == Kind::Access && e.is_live(now)).then(|| AccessToken {
@@ -463,7 +454,7 @@ impl TokenStore for MemoryStore {
             .flatten())
     }
 
-    async fn rotate(
+    fn rotate_now(
         &self,
         presented: &Digest,
         client_id: &str,
@@ -479,24 +470,7 @@ impl TokenStore for MemoryStore {
         Ok(self.rotate_locked(presented, client_id, now, decide))
     }
 
-    async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {
-        let now = crate::now();
-        let Some(family) = self.read(digest, Entry::family) else {
-            return Ok(false);
-        };
-        let _guard = self.lock(family);
-        Ok(self
-            .update(digest, |e| {
-                let live = e.is_live(now);
-                if live {
-                    e.state = State::Revoked;
-                }
-                live
-            })
-            .unwrap_or(false))
-    }
-
-    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+    fn revoke_family_now(&self, family: FamilyId) -> StoreResult<u64> {
         // A full scan: family revocation is rare (reuse detection, logout), and an index would
         // cost memory on every entry. Revoked tombstones answer `Invalid` afterwards, so a
         // client replaying a token cannot trigger the scan twice for one family. Holding the
@@ -517,6 +491,56 @@ impl TokenStore for MemoryStore {
             }
         }
         Ok(revoked)
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn issue(&self, issue: Issue) -> StoreResult<()> {
+        self.issue_now(issue)
+    }
+
+    async fn access_token(
+        &self,
+        digest: &Digest,
+        now: UnixTime,
+    ) -> StoreResult<Option<AccessToken>> {
+        self.access_token_now(digest, now)
+    }
+
+    async fn rotate(
+        &self,
+        presented: &Digest,
+        client_id: &str,
+        now: UnixTime,
+        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+    ) -> StoreResult<RotateOutcome> {
+        self.rotate_now(presented, client_id, now, decide)
+    }
+
+    async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {
+        let now = crate::now();
+        let Some(family) = self.read(digest, Entry::family) else {
+            return Ok(false);
+        };
+        let _guard = self.lock(family);
+        Ok(self
+            .update(digest, |e| {
+                let live = e.is_live(now);
+                if live {
+                    e.state = State::Revoked;
+                }
+                live
+            })
+            .unwrap_or(false))
+    }
+
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+        self.revoke_family_now(family)
     }
 
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
@@ -543,6 +567,10 @@ impl TokenStore for MemoryStore {
 
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
+    }
+
+    fn immediate(&self) -> Option<&dyn ImmediateStore> {
+        Some(self)
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientApplication, ClientRegistry, RegistryError};
+use super::{ClientApplication, ClientRegistry, ImmediateRegistry, RegistryError};
 use crate::Digest;
 
 const RECHECK: Duration = Duration::from_secs(1);
@@ -179,7 +179,7 @@ impl FileRegistry {
 #[async_trait]
 impl ClientRegistry for FileRegistry {
     async fn get(&self, client_id: &str) -> Result<Option<Arc<ClientApplication>>, RegistryError> {
-        Ok(self.current().get(client_id).cloned())
+        self.get_now(client_id)
     }
 
     async fn list(&self) -> Result<Vec<ClientApplication>, RegistryError> {
@@ -226,6 +226,16 @@ impl ClientRegistry for FileRegistry {
             a.secret_digest = digest;
             Ok(())
         })
+    }
+
+    fn immediate(&self) -> Option<&dyn ImmediateRegistry> {
+        Some(self)
+    }
+}
+
+impl ImmediateRegistry for FileRegistry {
+    fn get_now(&self, client_id: &str) -> Result<Option<Arc<ClientApplication>>, RegistryError> {
+        Ok(self.current().get(client_id).cloned())
     }
 }
 
