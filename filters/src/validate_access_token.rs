@@ -155,3 +155,61 @@ impl Filter for ValidateAccessToken {
         Some(run_now(self.check(ex, &backend)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use bytes::Bytes;
+    use store::TokenStore;
+
+    use super::*;
+
+    fn check(store: SharedStore) -> SharedFilter {
+        let stores = HashMap::from([("tokens".to_owned(), store)]);
+        let cx = BuildContext {
+            stores: &stores,
+            registry: None,
+            monitoring: Arc::new(monitoring::Monitoring::new()),
+            policy: "p",
+            node: "check",
+            warnings: RefCell::new(Vec::new()),
+        };
+        build(
+            serde_yaml::from_str("{required_scopes: [read]}").unwrap(),
+            &cx,
+        )
+        .unwrap()
+    }
+
+    fn bearer_request(token: &str) -> Exchange {
+        let (parts, ()) = http::Request::get("/api")
+            .header("authorization", format!("Bearer {token}"))
+            .body(())
+            .unwrap()
+            .into_parts();
+        Exchange::new(parts, Bytes::new())
+    }
+
+    #[tokio::test]
+    async fn over_the_memory_store_a_bearer_check_answers_without_a_future() {
+        let memory = Arc::new(store::memory::MemoryStore::new(1_000));
+        let (issue, pair) =
+            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
+        memory.issue(issue).await.unwrap();
+        let filter = check(memory);
+
+        let mut ex = bearer_request(&pair.access);
+        assert!(matches!(
+            filter.on_request_now(&mut ex),
+            Some(Ok(Flow::Pass))
+        ));
+        assert_eq!(ex.get("oauth.client_id").as_deref(), Some("app"));
+        let mut unknown = bearer_request("not-a-token");
+        let Some(Ok(Flow::Fail(f))) = filter.on_request_now(&mut unknown) else {
+            panic!("an unknown token must fail on the spot");
+        };
+        assert_eq!(f.reason, "invalid_token");
+    }
+}
