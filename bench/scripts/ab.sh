@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Adjacent runs of two (or more) gateway binaries on one bench case, alternated A B A B, with
-# the medians of requests/s and server CPU per request: how bench/PROFILING.md decides whether
+# the medians of requests/s, server CPU per request, p99 and RSS: how bench/PROFILING.md decides whether
 # a change is kept. Builds nothing: build each variant and copy it aside first, e.g.
 #   cargo build --release -p bench -p engine && cp target/release/gateway /tmp/gw-before
 # Usage: bench/scripts/ab.sh CASE SECS ROUNDS BINARY...   (EXTRA=--unpinned for that placement)
@@ -21,7 +21,8 @@ import json, sys
 bin, doc = sys.stdin.read().split(" ", 1)
 d = json.loads(doc)
 rps, cpu = d["rps"], d["server_cpu_us_per_req"]
-print(f"{bin:30s} {rps:9.0f} req/s {cpu:6.3f} us CPU/req")'
+p99, peak, idle = d["p99_us"], d["peak_rss_kb"] / 1024, d["idle_rss_kb"] / 1024
+print(f"{bin:30s} {rps:9.0f} req/s {cpu:6.3f} us CPU/req p99 {p99:7.0f} us RSS {peak:6.1f} MB peak {idle:5.1f} MB idle")'
   done
 done
 python3 - "$out" <<'PY'
@@ -30,8 +31,10 @@ runs = {}
 for line in open(sys.argv[1]):
     bin, doc = line.split(" ", 1)
     d = json.loads(doc)
-    runs.setdefault(bin, []).append((d["rps"], d["server_cpu_us_per_req"]))
+    runs.setdefault(bin, []).append(d)
 for bin, v in runs.items():
-    print(f"median {bin:30s} {statistics.median(r for r, _ in v):9.0f} req/s "
-          f"{statistics.median(c for _, c in v):6.3f} us CPU/req ({len(v)} runs)")
+    med = lambda k: statistics.median(x[k] for x in v)
+    print(f"median {bin:30s} {med('rps'):9.0f} req/s {med('server_cpu_us_per_req'):6.3f} us CPU/req "
+          f"p99 {med('p99_us'):7.0f} us RSS {med('peak_rss_kb') / 1024:6.1f} MB peak "
+          f"{med('idle_rss_kb') / 1024:5.1f} MB idle ({len(v)} runs)")
 PY
