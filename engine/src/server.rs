@@ -147,7 +147,7 @@ pub async fn serve<S, F>(
 /// The public listener's handler: route, read the body within its limit, run the chain.
 ///
 /// A request without a body whose chain never waits (a liveness answer, a chain of `set_*`
-/// nodes) is answered before this returns: no request future is built, boxed or moved. Any
+/// nodes, a bearer check over the memory store) is answered before this returns: no request future is built, boxed or moved. Any
 /// other request goes on in one boxed future ([`answer_later`]).
 pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
     // A guard, not a clone: no shared reference count is written unless the request waits.

@@ -2,13 +2,13 @@
 //!
 //! A filter's logic is written once, as an `async fn` generic over [`Backend`]. [`Waiting`]
 //! hands it the stores' futures (SQL stores, a cached SQL registry); [`Immediate`] calls a
-//! store and a registry that never wait (the memory store, the file registry) and hands back
-//! futures that are already done. The filter then answers through
+//! store and a registry that never wait (the memory store, the file registry) in futures that
+//! are done at their first poll. The filter then answers through
 //! [`crate::Filter::on_request_now`]: [`run_now`] polls its future once, on the stack, so no
 //! future is boxed for the filter or for any store operation, and a request whose nodes all
 //! answer this way (a bearer check on a `GET`) runs without a request future at all.
 
-use std::future::{Future, ready};
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -122,47 +122,50 @@ impl Backend for Waiting<'_> {
     }
 }
 
+// The work runs when the future is first polled, as it does for a store's own future, not
+// when the future is made: whatever awaits it (`FilterMonitor::time`, which starts its clock at
+// its first poll) measures the operation. Each future is done at that first poll.
 impl Backend for Immediate<'_> {
-    fn application(
+    async fn application(
         &self,
         client_id: &str,
-    ) -> impl Future<Output = Result<Option<Arc<ClientApplication>>, RegistryError>> + Send {
-        ready(match self.registry {
+    ) -> Result<Option<Arc<ClientApplication>>, RegistryError> {
+        match self.registry {
             Some(r) => r.get_now(client_id),
             None => Err(no_registry()),
-        })
+        }
     }
 
-    fn issue(&self, issue: Issue) -> impl Future<Output = StoreResult<()>> + Send {
-        ready(self.store.issue_now(issue))
+    async fn issue(&self, issue: Issue) -> StoreResult<()> {
+        self.store.issue_now(issue)
     }
 
-    fn access_token(
+    async fn access_token(
         &self,
         digest: &Digest,
         now: UnixTime,
-    ) -> impl Future<Output = StoreResult<Option<AccessToken>>> + Send {
-        ready(self.store.access_token_now(digest, now))
+    ) -> StoreResult<Option<AccessToken>> {
+        self.store.access_token_now(digest, now)
     }
 
-    fn rotate(
+    async fn rotate(
         &self,
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
         decide: &Decide<'_>,
-    ) -> impl Future<Output = StoreResult<RotateOutcome>> + Send {
-        ready(self.store.rotate_now(presented, client_id, now, decide))
+    ) -> StoreResult<RotateOutcome> {
+        self.store.rotate_now(presented, client_id, now, decide)
     }
 
-    fn revoke_family(&self, family: FamilyId) -> impl Future<Output = StoreResult<u64>> + Send {
-        ready(self.store.revoke_family_now(family))
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+        self.store.revoke_family_now(family)
     }
 }
 
 /// Runs a filter's future over an [`Immediate`] backend to its end, in one poll. It never
-/// waits: every store future it awaits is already done. Were it to wait anyway (a bug), the
-/// request gets a 500, not a hang.
+/// waits: every store future it awaits is done at its first poll. Were it to wait anyway (a
+/// bug), the request gets a 500, not a hang.
 pub fn run_now<T>(f: impl Future<Output = Result<T, FilterError>>) -> Result<T, FilterError> {
     match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(out) => out,

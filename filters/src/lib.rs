@@ -121,7 +121,8 @@ pub trait Filter: Send + Sync + 'static {
     /// The same decision without a future, for kinds that never wait (see [`SyncFilter`]),
     /// and for the token filters when their store and registry never wait (see [`backend`]).
     /// The engine asks this first and awaits [`Filter::on_request`] only on `None`, so such a
-    /// node costs no boxed future per request. `None` must mean that nothing was done yet.
+    /// node costs no boxed future per request. `None` must mean that nothing the decision depends
+    /// on was done yet: the engine then awaits [`Filter::on_request`] on the same exchange.
     fn on_request_now(&self, _ex: &mut Exchange) -> Option<Result<Flow, FilterError>> {
         None
     }

@@ -398,40 +398,75 @@ mod tests {
     use std::collections::HashMap;
 
     use store::clients::{ClientApplication, ClientRegistry};
-    use store::{AccessToken, FamilyId, StoreError, StoreResult, TokenStore, UnixTime};
+    use store::{
+        AccessToken, FamilyId, ImmediateStore, StoreError, StoreResult, TokenStore, UnixTime,
+    };
 
-    /// A store whose every refresh token has already been rotated and whose revocations fail:
-    /// the moment reuse is detected while the database goes away.
-    struct RevocationFails;
+    /// How long each rotation of [`RevocationFails`] takes.
+    const ROTATION: std::time::Duration = std::time::Duration::from_millis(20);
 
-    #[async_trait]
-    impl TokenStore for RevocationFails {
-        fn kind(&self) -> &'static str {
-            "test"
-        }
-        async fn issue(&self, _: Issue) -> StoreResult<()> {
+    /// A store whose every refresh token has already been rotated (each rotation taking
+    /// [`ROTATION`]) and whose revocations fail: the moment reuse is detected while the
+    /// database goes away. With `immediate`, it also answers on the spot, as the memory store
+    /// does.
+    struct RevocationFails {
+        immediate: bool,
+    }
+
+    impl ImmediateStore for RevocationFails {
+        fn issue_now(&self, _: Issue) -> StoreResult<()> {
             Ok(())
         }
-        async fn access_token(&self, _: &Digest, _: UnixTime) -> StoreResult<Option<AccessToken>> {
+        fn access_token_now(&self, _: &Digest, _: UnixTime) -> StoreResult<Option<AccessToken>> {
             Ok(None)
         }
-        async fn rotate(
+        fn rotate_now(
             &self,
             _: &Digest,
             _: &str,
             _: UnixTime,
             _: &(dyn for<'a> Fn(&'a store::RefreshToken) -> RotateDecision + Send + Sync),
         ) -> StoreResult<RotateOutcome> {
+            std::thread::sleep(ROTATION);
             Ok(RotateOutcome::AlreadyRotated {
                 family: FamilyId(7),
                 replay: None,
             })
         }
+        fn revoke_family_now(&self, _: FamilyId) -> StoreResult<u64> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+    }
+
+    #[async_trait]
+    impl TokenStore for RevocationFails {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        async fn issue(&self, issue: Issue) -> StoreResult<()> {
+            self.issue_now(issue)
+        }
+        async fn access_token(
+            &self,
+            d: &Digest,
+            now: UnixTime,
+        ) -> StoreResult<Option<AccessToken>> {
+            self.access_token_now(d, now)
+        }
+        async fn rotate(
+            &self,
+            presented: &Digest,
+            client_id: &str,
+            now: UnixTime,
+            decide: &(dyn for<'a> Fn(&'a store::RefreshToken) -> RotateDecision + Send + Sync),
+        ) -> StoreResult<RotateOutcome> {
+            self.rotate_now(presented, client_id, now, decide)
+        }
         async fn revoke_token(&self, _: &Digest) -> StoreResult<bool> {
             Err(StoreError::Unavailable("down".into()))
         }
-        async fn revoke_family(&self, _: FamilyId) -> StoreResult<u64> {
-            Err(StoreError::Unavailable("down".into()))
+        async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+            self.revoke_family_now(family)
         }
         async fn purge_expired(&self, _: UnixTime) -> StoreResult<u64> {
             Ok(0)
@@ -442,46 +477,15 @@ mod tests {
         async fn ping(&self) -> StoreResult<()> {
             Err(StoreError::Unavailable("down".into()))
         }
+        fn immediate(&self) -> Option<&dyn ImmediateStore> {
+            self.immediate.then_some(self as &dyn ImmediateStore)
+        }
     }
 
     #[tokio::test]
     async fn a_revocation_that_could_not_be_written_never_answers_200() {
-        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
-        registry
-            .add(ClientApplication {
-                client_id: "app".into(),
-                name: "app".into(),
-                secret_digest: Digest::of("s3cret"),
-                enabled: true,
-                scopes: vec!["read".into()],
-                grant_types: vec!["refresh_token".into()],
-                created_at: 0,
-            })
-            .await
-            .unwrap();
-        let stores: HashMap<String, store::SharedStore> = HashMap::from([(
-            "tokens".to_owned(),
-            Arc::new(RevocationFails) as store::SharedStore,
-        )]);
-        let cx = BuildContext {
-            stores: &stores,
-            registry: Some(registry),
-            monitoring: Arc::new(monitoring::Monitoring::new()),
-            policy: "p",
-            node: "refresh",
-            warnings: RefCell::new(Vec::new()),
-        };
-        let filter = build(serde_yaml::from_str("{}").unwrap(), &cx).unwrap();
-        let (parts, ()) = http::Request::post("/oauth/token")
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("authorization", "Basic YXBwOnMzY3JldA==") // app:s3cret
-            .body(())
-            .unwrap()
-            .into_parts();
-        let mut ex = Exchange::new(
-            parts,
-            Bytes::from_static(b"grant_type=refresh_token&refresh_token=old"),
-        );
+        let filter = over(Arc::new(RevocationFails { immediate: false })).await;
+        let mut ex = refresh_request("old");
         let flow = filter.on_request(&mut ex).await;
         let err = flow.expect_err("reuse detected but not revoked must be an error, not an answer");
         assert!(matches!(err, FilterError::Unavailable(_)));
@@ -493,31 +497,45 @@ mod tests {
         );
     }
 
-    /// The filter over a registry holding `app` (secret `s3cret`, scope `read`) and `store`.
-    async fn over(store: store::SharedStore) -> SharedFilter {
-        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
-        registry
-            .add(ClientApplication {
-                client_id: "app".into(),
-                name: "app".into(),
-                secret_digest: Digest::of("s3cret"),
-                enabled: true,
-                scopes: vec!["read".into()],
-                grant_types: vec!["refresh_token".into()],
-                created_at: 0,
-            })
-            .await
-            .unwrap();
+    fn app() -> ClientApplication {
+        ClientApplication {
+            client_id: "app".into(),
+            name: "app".into(),
+            secret_digest: Digest::of("s3cret"),
+            enabled: true,
+            scopes: vec!["read".into()],
+            grant_types: vec!["refresh_token".into()],
+            created_at: 0,
+        }
+    }
+
+    /// The filter over `registry` and `store`, and the metrics it records into.
+    fn built(
+        store: store::SharedStore,
+        registry: store::clients::SharedRegistry,
+    ) -> (SharedFilter, Arc<monitoring::Monitoring>) {
         let stores = HashMap::from([("tokens".to_owned(), store)]);
+        let monitoring = Arc::new(monitoring::Monitoring::new());
         let cx = BuildContext {
             stores: &stores,
             registry: Some(registry),
-            monitoring: Arc::new(monitoring::Monitoring::new()),
+            monitoring: monitoring.clone(),
             policy: "p",
             node: "refresh",
             warnings: RefCell::new(Vec::new()),
         };
-        build(serde_yaml::from_str("{}").unwrap(), &cx).unwrap()
+        (
+            build(serde_yaml::from_str("{}").unwrap(), &cx).unwrap(),
+            monitoring,
+        )
+    }
+
+    /// The filter over a file registry holding `app` (secret `s3cret`, scope `read`) and
+    /// `store`.
+    async fn over(store: store::SharedStore) -> SharedFilter {
+        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
+        registry.add(app()).await.unwrap();
+        built(store, registry).0
     }
 
     fn refresh_request(token: &str) -> Exchange {
@@ -563,12 +581,75 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn over_a_store_that_waits_the_filter_declines_to_answer_on_the_spot() {
-        let filter = over(Arc::new(RevocationFails)).await;
-        let mut ex = refresh_request("old");
+    async fn over_a_store_that_waits_the_filter_declines_and_the_waiting_path_answers_alike() {
+        let memory: store::SharedStore = Arc::new(store::memory::MemoryStore::new(1_000));
+        let (issue, pair) =
+            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
+        memory.issue(issue).await.unwrap();
+        let filter = over(Arc::new(store::testing::ThroughFutures(memory.clone()))).await;
+
+        let mut ex = refresh_request(&pair.refresh);
         assert!(filter.on_request_now(&mut ex).is_none());
-        // Nothing was decided on the way: the waiting path still sees the whole request.
-        assert!(filter.on_request(&mut ex).await.is_err());
+        // Declining did nothing: no client set, no error, the token still live.
+        assert!(ex.get("oauth.client_id").is_none());
+        assert!(ex.get("oauth.error").is_none());
+        let Ok(Flow::Respond(r)) = filter.on_request(&mut ex).await else {
+            panic!("the waiting path must answer the grant");
+        };
+        assert_eq!(r.status(), 200);
+        assert_eq!(ex.get("oauth.client_id").as_deref(), Some("app"));
+        let consumed = memory
+            .rotate(&Digest::of(&pair.refresh), "app", store::now(), &|_| {
+                RotateDecision::Reject
+            })
+            .await
+            .unwrap();
+        assert!(matches!(consumed, RotateOutcome::AlreadyRotated { .. }));
+    }
+
+    #[tokio::test]
+    async fn over_a_registry_that_waits_the_filter_declines_to_answer_on_the_spot() {
+        let file = Arc::new(store::clients::file::FileRegistry::in_memory());
+        file.add(app()).await.unwrap();
+        let cached = Arc::new(store::clients::cached::CachedRegistry::new(file));
+        let memory = Arc::new(store::memory::MemoryStore::new(1_000));
+        let (filter, _) = built(memory, cached);
+        let mut ex = refresh_request("any");
+        assert!(filter.on_request_now(&mut ex).is_none());
+        assert!(ex.get("oauth.client_id").is_none());
+    }
+
+    #[tokio::test]
+    async fn store_operations_answered_on_the_spot_are_timed_whole() {
+        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
+        registry.add(app()).await.unwrap();
+        let (filter, monitoring) = built(Arc::new(RevocationFails { immediate: true }), registry);
+        let mut ex = refresh_request("old");
+        let Some(Err(FilterError::Unavailable(_))) = filter.on_request_now(&mut ex) else {
+            panic!("reuse detected but not revoked must be an error, on the spot too");
+        };
+        let text = monitoring.render();
+        let series = |op: &str| -> (f64, f64) {
+            let value = |suffix: &str| {
+                text.lines()
+                    .find(|l| {
+                        l.starts_with(&format!(
+                            "gateway_store_operation_duration_seconds_{suffix}"
+                        )) && l.contains(&format!("op=\"{op}\""))
+                    })
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or_else(|| panic!("no {suffix} series for {op}"))
+            };
+            (value("count"), value("sum"))
+        };
+        let (rotations, rotating) = series("rotate");
+        assert_eq!(rotations, 1.0);
+        assert!(
+            rotating >= ROTATION.as_secs_f64(),
+            "the rotation was timed at {rotating} s, it took {ROTATION:?}"
+        );
+        assert_eq!(series("revoke_family").0, 1.0);
     }
 
     #[test]

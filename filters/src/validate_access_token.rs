@@ -162,7 +162,6 @@ mod tests {
     use std::collections::HashMap;
 
     use bytes::Bytes;
-    use store::TokenStore;
 
     use super::*;
 
@@ -193,12 +192,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn over_the_memory_store_a_bearer_check_answers_without_a_future() {
-        let memory = Arc::new(store::memory::MemoryStore::new(1_000));
+    async fn over_the_memory_store_a_bearer_check_answers_on_the_spot_and_otherwise_waits() {
+        let memory: SharedStore = Arc::new(store::memory::MemoryStore::new(1_000));
         let (issue, pair) =
             store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
         memory.issue(issue).await.unwrap();
-        let filter = check(memory);
+        let filter = check(memory.clone());
 
         let mut ex = bearer_request(&pair.access);
         assert!(matches!(
@@ -211,5 +210,13 @@ mod tests {
             panic!("an unknown token must fail on the spot");
         };
         assert_eq!(f.reason, "invalid_token");
+
+        // The same store through futures only: the check declines, then answers alike.
+        let waits = check(Arc::new(store::testing::ThroughFutures(memory)));
+        let mut ex = bearer_request(&pair.access);
+        assert!(waits.on_request_now(&mut ex).is_none());
+        assert!(ex.get("oauth.client_id").is_none());
+        assert!(matches!(waits.on_request(&mut ex).await, Ok(Flow::Pass)));
+        assert_eq!(ex.get("oauth.client_id").as_deref(), Some("app"));
     }
 }

@@ -84,7 +84,8 @@ pub trait ClientRegistry: Send + Sync + 'static {
     async fn set_secret(&self, client_id: &str, digest: Digest) -> Result<(), RegistryError>;
 
     /// The same lookup without a future, when the registry never waits (the file registry,
-    /// held in memory). `None` (the default): lookups may wait on a database.
+    /// held in memory). `None` (the default): lookups may wait on a database. A registry that
+    /// wraps another (the cache) keeps `None`: passing the inner one's through would bypass it.
     fn immediate(&self) -> Option<&dyn ImmediateRegistry> {
         None
     }

@@ -305,7 +305,8 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The same store without futures, when it never waits (the memory store): a filter then
     /// answers without boxing a future per operation, and a request whose nodes all answer this
     /// way runs without a request future at all. `None` (the default): every operation waits
-    /// on a database.
+    /// on a database. A store that wraps another (to count, to fail on purpose) keeps `None`
+    /// unless it wraps the immediate side too: passing the inner one's through would bypass it.
     fn immediate(&self) -> Option<&dyn ImmediateStore> {
         None
     }

@@ -20,6 +20,52 @@ pub const OTHER_CLIENT: &str = "client-b";
 pub const ACCESS_TTL: i64 = 600;
 pub const REFRESH_TTL: i64 = 1200;
 
+/// A store that answers as the one it wraps, through futures only: it never reports
+/// [`TokenStore::immediate`], as a database would not. For tests of the waiting path over a
+/// memory store.
+pub struct ThroughFutures(pub SharedStore);
+
+#[async_trait::async_trait]
+impl TokenStore for ThroughFutures {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    async fn issue(&self, issue: Issue) -> StoreResult<()> {
+        self.0.issue(issue).await
+    }
+    async fn access_token(
+        &self,
+        digest: &Digest,
+        now: UnixTime,
+    ) -> StoreResult<Option<AccessToken>> {
+        self.0.access_token(digest, now).await
+    }
+    async fn rotate(
+        &self,
+        presented: &Digest,
+        client_id: &str,
+        now: UnixTime,
+        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+    ) -> StoreResult<RotateOutcome> {
+        self.0.rotate(presented, client_id, now, decide).await
+    }
+    async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {
+        self.0.revoke_token(digest).await
+    }
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+        self.0.revoke_family(family).await
+    }
+    async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
+        self.0.purge_expired(now).await
+    }
+    async fn count_live(&self, now: UnixTime) -> StoreResult<u64> {
+        self.0.count_live(now).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.0.ping().await
+    }
+}
+
 /// A fresh token as the gateway generates them (46 alphanumeric characters).
 pub fn token() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 46)
