@@ -14,15 +14,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use store::{
-    AccessToken, ClientApplication, ClientRegistry, Digest, FamilyId, ImmediateRegistry,
-    ImmediateStore, Issue, RefreshToken, RegistryError, RotateDecision, RotateOutcome, StoreResult,
-    TokenStore, UnixTime,
+    AccessToken, ClientApplication, ClientRegistry, Decide, Digest, FamilyId, ImmediateRegistry,
+    ImmediateStore, Issue, RegistryError, RotateOutcome, StoreResult, TokenStore, UnixTime,
 };
 
 use crate::FilterError;
-
-/// The decision a rotation runs while it holds the token (see [`TokenStore::rotate`]).
-pub type Decide<'d> = dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync + 'd;
 
 /// A client registry and a token store, as a filter's logic uses them.
 pub trait Backend: Sync {

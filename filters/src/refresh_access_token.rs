@@ -425,7 +425,7 @@ mod tests {
             _: &Digest,
             _: &str,
             _: UnixTime,
-            _: &(dyn for<'a> Fn(&'a store::RefreshToken) -> RotateDecision + Send + Sync),
+            _: &store::Decide<'_>,
         ) -> StoreResult<RotateOutcome> {
             std::thread::sleep(ROTATION);
             Ok(RotateOutcome::AlreadyRotated {
@@ -458,7 +458,7 @@ mod tests {
             presented: &Digest,
             client_id: &str,
             now: UnixTime,
-            decide: &(dyn for<'a> Fn(&'a store::RefreshToken) -> RotateDecision + Send + Sync),
+            decide: &store::Decide<'_>,
         ) -> StoreResult<RotateOutcome> {
             self.rotate_now(presented, client_id, now, decide)
         }

@@ -222,6 +222,12 @@ pub enum RotateDecision {
     Reject,
 }
 
+/// The decision a rotation runs while it holds the token (see [`TokenStore::rotate`]).
+///
+/// (`for<'a>` is spelt out: `async_trait` would otherwise give the elided `&RefreshToken` the
+/// lifetime of the whole call, and no store could lend `decide` a token it read.)
+pub type Decide<'d> = dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync + 'd;
+
 /// How a rotation ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RotateOutcome {
@@ -275,15 +281,12 @@ pub trait TokenStore: Send + Sync + 'static {
     /// of N concurrent calls for one token, exactly one gets `Rotated`. The token must belong
     /// to `client_id`. `decide` runs while the store holds the token (inside the transaction),
     /// so it must be quick and must not touch the store.
-    ///
-    /// (`for<'a>` is spelt out: `async_trait` would otherwise give the elided `&RefreshToken`
-    /// the lifetime of the whole call, and no store could lend `decide` a token it read.)
     async fn rotate(
         &self,
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome>;
 
     /// Revokes one token (access or refresh). Returns whether a live token was found.
@@ -324,7 +327,7 @@ pub trait ImmediateStore: Send + Sync {
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome>;
 
     fn revoke_family_now(&self, family: FamilyId) -> StoreResult<u64>;

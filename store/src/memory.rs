@@ -379,7 +379,7 @@ impl MemoryStore {
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> RotateOutcome {
         let found = self.read(presented, |e| {
             if e.kind != Kind::Refresh || e.state == State::Revoked || e.expires_at <= now {
@@ -459,7 +459,7 @@ impl ImmediateStore for MemoryStore {
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome> {
         // The family of a digest never changes, so it can be read before taking the lock; the
         // entry itself is read again under it.
@@ -517,7 +517,7 @@ impl TokenStore for MemoryStore {
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome> {
         self.rotate_now(presented, client_id, now, decide)
     }

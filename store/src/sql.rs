@@ -693,7 +693,7 @@ impl TokenStore for SqlStore {
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome> {
         let pool = match &self.backend {
             Backend::Sqlite { group, .. } => {

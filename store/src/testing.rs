@@ -45,7 +45,7 @@ impl TokenStore for ThroughFutures {
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome> {
         self.0.rotate(presented, client_id, now, decide).await
     }
@@ -143,7 +143,7 @@ async fn rotate(
     refresh: &str,
     client_id: &str,
     now: UnixTime,
-    decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+    decide: &Decide<'_>,
 ) -> RotateOutcome {
     store
         .rotate(&Digest::of(refresh), client_id, now, decide)

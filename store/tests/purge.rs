@@ -31,7 +31,7 @@ impl TokenStore for Flaky {
         p: &Digest,
         c: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome> {
         self.inner.rotate(p, c, now, decide).await
     }

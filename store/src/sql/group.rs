@@ -169,7 +169,7 @@ impl Group {
         presented: &Digest,
         client_id: &str,
         now: UnixTime,
-        decide: &(dyn for<'a> Fn(&'a RefreshToken) -> RotateDecision + Send + Sync),
+        decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome> {
         let (consumed, consumed_rx) = oneshot::channel();
         let (decision_tx, decision) = oneshot::channel();
