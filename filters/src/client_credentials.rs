@@ -194,49 +194,19 @@ impl Filter for ClientCredentials {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    use bytes::Bytes;
-    use store::clients::ClientApplication;
-    use store::{ClientRegistry, SharedStore};
+    use store::SharedStore;
 
     use super::*;
 
+    use crate::testing::{built, registry_with_app, token_request};
+
     async fn over(store: SharedStore) -> SharedFilter {
-        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
-        registry
-            .add(ClientApplication {
-                client_id: "app".into(),
-                name: "app".into(),
-                secret_digest: Digest::of("s3cret"),
-                enabled: true,
-                scopes: vec!["read".into()],
-                grant_types: vec!["client_credentials".into()],
-                created_at: 0,
-            })
-            .await
-            .unwrap();
-        let stores = HashMap::from([("tokens".to_owned(), store)]);
-        let cx = BuildContext {
-            stores: &stores,
-            registry: Some(registry),
-            monitoring: Arc::new(monitoring::Monitoring::new()),
-            policy: "p",
-            node: "cc",
-            warnings: RefCell::new(Vec::new()),
-        };
-        build(serde_yaml::from_str("{}").unwrap(), &cx).unwrap()
+        let registry = registry_with_app("client_credentials").await;
+        built(build, "{}", store, Some(registry)).0
     }
 
-    fn token_request() -> Exchange {
-        let (parts, ()) = http::Request::post("/oauth/token")
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("authorization", "Basic YXBwOnMzY3JldA==") // app:s3cret
-            .body(())
-            .unwrap()
-            .into_parts();
-        Exchange::new(parts, Bytes::from_static(b"grant_type=client_credentials"))
+    fn cc_request() -> Exchange {
+        token_request("grant_type=client_credentials")
     }
 
     /// The access token of a 200 token answer, and whether the store knows it.
@@ -252,14 +222,14 @@ mod tests {
     async fn over_the_memory_store_a_grant_answers_on_the_spot_and_otherwise_waits() {
         let memory: SharedStore = Arc::new(store::memory::MemoryStore::new(1_000));
         let filter = over(memory.clone()).await;
-        let mut ex = token_request();
+        let mut ex = cc_request();
         let Some(Ok(Flow::Respond(r))) = filter.on_request_now(&mut ex) else {
             panic!("the grant did not answer on the spot");
         };
         assert!(issued(&r, &memory).await);
 
         let waits = over(Arc::new(store::testing::ThroughFutures(memory.clone()))).await;
-        let mut ex = token_request();
+        let mut ex = cc_request();
         assert!(waits.on_request_now(&mut ex).is_none());
         let Ok(Flow::Respond(r)) = waits.on_request(&mut ex).await else {
             panic!("the waiting path must answer the grant");

@@ -21,6 +21,8 @@ pub mod oauth;
 pub mod refresh_access_token;
 pub mod registry;
 pub mod template;
+#[cfg(test)]
+mod testing;
 pub mod validate_access_token;
 
 use std::collections::BTreeMap;

@@ -394,10 +394,7 @@ impl Filter for RefreshAccessToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
 
-    use store::clients::{ClientApplication, ClientRegistry};
     use store::{
         AccessToken, FamilyId, ImmediateStore, StoreError, StoreResult, TokenStore, UnixTime,
     };
@@ -497,58 +494,16 @@ mod tests {
         );
     }
 
-    fn app() -> ClientApplication {
-        ClientApplication {
-            client_id: "app".into(),
-            name: "app".into(),
-            secret_digest: Digest::of("s3cret"),
-            enabled: true,
-            scopes: vec!["read".into()],
-            grant_types: vec!["refresh_token".into()],
-            created_at: 0,
-        }
-    }
+    use crate::testing::{built, registry_with_app, token_request};
 
-    /// The filter over `registry` and `store`, and the metrics it records into.
-    fn built(
-        store: store::SharedStore,
-        registry: store::clients::SharedRegistry,
-    ) -> (SharedFilter, Arc<monitoring::Monitoring>) {
-        let stores = HashMap::from([("tokens".to_owned(), store)]);
-        let monitoring = Arc::new(monitoring::Monitoring::new());
-        let cx = BuildContext {
-            stores: &stores,
-            registry: Some(registry),
-            monitoring: monitoring.clone(),
-            policy: "p",
-            node: "refresh",
-            warnings: RefCell::new(Vec::new()),
-        };
-        (
-            build(serde_yaml::from_str("{}").unwrap(), &cx).unwrap(),
-            monitoring,
-        )
-    }
-
-    /// The filter over a file registry holding `app` (secret `s3cret`, scope `read`) and
-    /// `store`.
+    /// The filter over a file registry holding `app` and `store`.
     async fn over(store: store::SharedStore) -> SharedFilter {
-        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
-        registry.add(app()).await.unwrap();
-        built(store, registry).0
+        let registry = registry_with_app("refresh_token").await;
+        built(build, "{}", store, Some(registry)).0
     }
 
     fn refresh_request(token: &str) -> Exchange {
-        let (parts, ()) = http::Request::post("/oauth/token")
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("authorization", "Basic YXBwOnMzY3JldA==") // app:s3cret
-            .body(())
-            .unwrap()
-            .into_parts();
-        Exchange::new(
-            parts,
-            Bytes::from(format!("grant_type=refresh_token&refresh_token={token}")),
-        )
+        token_request(format!("grant_type=refresh_token&refresh_token={token}"))
     }
 
     #[tokio::test]
@@ -609,11 +564,10 @@ mod tests {
 
     #[tokio::test]
     async fn over_a_registry_that_waits_the_filter_declines_to_answer_on_the_spot() {
-        let file = Arc::new(store::clients::file::FileRegistry::in_memory());
-        file.add(app()).await.unwrap();
+        let file = registry_with_app("refresh_token").await;
         let cached = Arc::new(store::clients::cached::CachedRegistry::new(file));
         let memory = Arc::new(store::memory::MemoryStore::new(1_000));
-        let (filter, _) = built(memory, cached);
+        let (filter, _) = built(build, "{}", memory, Some(cached));
         let mut ex = refresh_request("any");
         assert!(filter.on_request_now(&mut ex).is_none());
         assert!(ex.get("oauth.client_id").is_none());
@@ -621,9 +575,9 @@ mod tests {
 
     #[tokio::test]
     async fn store_operations_answered_on_the_spot_are_timed_whole() {
-        let registry = Arc::new(store::clients::file::FileRegistry::in_memory());
-        registry.add(app()).await.unwrap();
-        let (filter, monitoring) = built(Arc::new(RevocationFails { immediate: true }), registry);
+        let registry = registry_with_app("refresh_token").await;
+        let store = Arc::new(RevocationFails { immediate: true });
+        let (filter, monitoring) = built(build, "{}", store, Some(registry));
         let mut ex = refresh_request("old");
         let Some(Err(FilterError::Unavailable(_))) = filter.on_request_now(&mut ex) else {
             panic!("reuse detected but not revoked must be an error, on the spot too");

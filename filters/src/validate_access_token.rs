@@ -158,28 +158,12 @@ impl Filter for ValidateAccessToken {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
     use bytes::Bytes;
 
     use super::*;
 
     fn check(store: SharedStore) -> SharedFilter {
-        let stores = HashMap::from([("tokens".to_owned(), store)]);
-        let cx = BuildContext {
-            stores: &stores,
-            registry: None,
-            monitoring: Arc::new(monitoring::Monitoring::new()),
-            policy: "p",
-            node: "check",
-            warnings: RefCell::new(Vec::new()),
-        };
-        build(
-            serde_yaml::from_str("{required_scopes: [read]}").unwrap(),
-            &cx,
-        )
-        .unwrap()
+        crate::testing::built(build, "{required_scopes: [read]}", store, None).0
     }
 
     fn bearer_request(token: &str) -> Exchange {
