@@ -92,61 +92,88 @@ impl ApplicationValidation {
         backend: &impl Backend,
     ) -> Result<Result<Arc<ClientApplication>, OAuthError>, FilterError> {
         let basic = self.config.client_credentials_in == CredentialsIn::AuthorizationHeader;
-        let invalid = |d: &'static str| {
+        let invalid = |d: &'static str, challenge: bool| {
             let mut e = OAuthError::new(ErrorCode::InvalidClient, d);
-            e.basic_challenge = basic;
+            e.basic_challenge = challenge;
             e
         };
-        let has_header = ex.headers().contains_key(http::header::AUTHORIZATION);
+        let bad_request = |d: &'static str| Ok(Err(OAuthError::new(ErrorCode::InvalidRequest, d)));
+        // RFC 6749 §2.3: one authentication method per request. A second one is refused, not
+        // ignored: a proxy in front may have acted on the one this filter would not read.
+        let mut headers = ex.headers().get_all(http::header::AUTHORIZATION).iter();
+        let header = headers.next();
+        if headers.next().is_some() {
+            return bad_request("repeated Authorization header");
+        }
+        let secret_field = self.config.client_secret_field.as_str();
+        // Empty values count as omitted (RFC 6749 §3.1).
+        let sent = |v: Option<&str>| v.is_some_and(|v| !v.is_empty());
+        let secret_in_form = sent(ex.form().first(secret_field));
+        let secret_in_query = sent(ex.query().first(secret_field));
         let (id, secret) = match self.config.client_credentials_in {
             CredentialsIn::AuthorizationHeader => {
-                if ex.form().first(&self.config.client_secret_field).is_some() {
-                    return Ok(Err(OAuthError::new(
-                        ErrorCode::InvalidRequest,
+                if secret_in_form || secret_in_query {
+                    return bad_request(
                         "client credentials must be sent in the Authorization header only",
-                    )));
+                    );
                 }
-                let Some(v) = ex.headers().get(http::header::AUTHORIZATION) else {
-                    return Ok(Err(invalid("client authentication required (HTTP Basic)")));
+                let Some(v) = header else {
+                    return Ok(Err(invalid(
+                        "client authentication required (HTTP Basic)",
+                        true,
+                    )));
                 };
                 match parse_basic(v.as_bytes()) {
                     Some((id, secret)) => (Cow::Owned(id), Cow::Owned(secret)),
-                    None => return Ok(Err(invalid("malformed Basic credentials"))),
+                    None => return Ok(Err(invalid("malformed Basic credentials", true))),
                 }
             }
             CredentialsIn::FormBody | CredentialsIn::QueryString => {
-                if has_header {
-                    return Ok(Err(OAuthError::new(
-                        ErrorCode::InvalidRequest,
-                        "use one client authentication method, not several",
-                    )));
+                let (params, secret_elsewhere, only_here, not_header) =
+                    if self.config.client_credentials_in == CredentialsIn::FormBody {
+                        (
+                            ex.form(),
+                            secret_in_query,
+                            "client credentials must be sent in the form body only",
+                            "this endpoint takes client credentials in the form body",
+                        )
+                    } else {
+                        (
+                            ex.query(),
+                            secret_in_form,
+                            "client credentials must be sent in the query string only",
+                            "this endpoint takes client credentials in the query string",
+                        )
+                    };
+                if secret_elsewhere {
+                    return bad_request(only_here);
                 }
-                let params = if self.config.client_credentials_in == CredentialsIn::FormBody {
-                    ex.form()
-                } else {
-                    ex.query()
-                };
                 let id = params.single(&self.config.client_id_field);
-                let secret = params.single(&self.config.client_secret_field);
+                let secret = params.single(secret_field);
                 if id == Param::Repeated || secret == Param::Repeated {
-                    return Ok(Err(OAuthError::new(
-                        ErrorCode::InvalidRequest,
-                        "repeated client credential parameter",
-                    )));
+                    return bad_request("repeated client credential parameter");
+                }
+                if header.is_some() {
+                    if id.value().is_some() || secret.value().is_some() {
+                        return bad_request("use one client authentication method, not several");
+                    }
+                    // The client tried the Authorization header alone: RFC 6749 §5.2 asks for
+                    // a 401 with a challenge, whatever this endpoint accepts.
+                    return Ok(Err(invalid(not_header, true)));
                 }
                 match (id.value(), secret.value()) {
                     (Some(i), Some(s)) => (Cow::Borrowed(i), Cow::Borrowed(s)),
-                    _ => return Ok(Err(invalid("client authentication required"))),
+                    _ => return Ok(Err(invalid("client authentication required", false))),
                 }
             }
         };
         let Some(app) = backend.application(&id).await? else {
-            return Ok(Err(invalid("client authentication failed")));
+            return Ok(Err(invalid("client authentication failed", basic)));
         };
         // Verify even for a disabled client, so both answers cost the same.
         let secret_ok = app.verify_secret(&secret);
         if !secret_ok || !app.enabled {
-            return Ok(Err(invalid("client authentication failed")));
+            return Ok(Err(invalid("client authentication failed", basic)));
         }
         Ok(Ok(app))
     }

@@ -42,8 +42,10 @@ impl ErrorCode {
 pub struct OAuthError {
     pub code: ErrorCode,
     pub description: &'static str,
-    /// The client authenticated (or was asked to) with HTTP Basic: a 401 carries
-    /// `WWW-Authenticate: Basic` (RFC 6749 §5.2).
+    /// The client authenticated (or was asked to) with HTTP Basic: `invalid_client` is a 401
+    /// with `WWW-Authenticate: Basic` (RFC 6749 §5.2). Without it, `invalid_client` is a 400,
+    /// RFC 6749 §5.2's default: a 401 must carry a challenge (RFC 7235 §3.1), and for
+    /// credentials in the form body or the query there is no HTTP scheme to offer.
     pub basic_challenge: bool,
 }
 
@@ -57,15 +59,17 @@ impl OAuthError {
     }
 
     pub fn response(&self) -> Response {
-        let status = match self.code {
-            ErrorCode::InvalidClient => StatusCode::UNAUTHORIZED,
-            _ => StatusCode::BAD_REQUEST,
+        let challenge = self.code == ErrorCode::InvalidClient && self.basic_challenge;
+        let status = if challenge {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::BAD_REQUEST
         };
         let body =
             serde_json::json!({"error": self.code.as_str(), "error_description": self.description});
         let mut r = crate::json_response(status, &body);
         no_store(r.headers_mut());
-        if self.code == ErrorCode::InvalidClient && self.basic_challenge {
+        if challenge {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"oauth\", charset=\"UTF-8\""),
@@ -112,14 +116,19 @@ pub fn generate_token(len: usize) -> String {
     String::from_utf8(token).expect("the alphabet is ASCII")
 }
 
-/// A scope as a set of scope tokens (RFC 6749 §3.3: space-delimited, case-sensitive).
+/// A scope's tokens (RFC 6749 §3.3: space-delimited, case-sensitive), without a set.
+pub fn scope_tokens(s: &str) -> impl Iterator<Item = &str> {
+    s.split(' ').filter(|t| !t.is_empty())
+}
+
+/// A scope as a set of scope tokens.
 pub fn parse_scope(s: &str) -> BTreeSet<&str> {
-    s.split(' ').filter(|t| !t.is_empty()).collect()
+    scope_tokens(s).collect()
 }
 
 /// `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`.
 pub fn valid_scope(s: &str) -> bool {
-    s.split(' ').filter(|t| !t.is_empty()).all(|t| {
+    scope_tokens(s).all(|t| {
         t.bytes()
             .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
     })
@@ -499,8 +508,10 @@ mod tests {
         );
         assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
         assert_eq!(r.headers()[header::PRAGMA], "no-cache");
-        let r = OAuthError::new(ErrorCode::InvalidGrant, "x").response();
-        assert_eq!(r.status(), 400);
-        assert!(r.headers().get(header::WWW_AUTHENTICATE).is_none());
+        for code in [ErrorCode::InvalidGrant, ErrorCode::InvalidClient] {
+            let r = OAuthError::new(code, "x").response();
+            assert_eq!(r.status(), 400, "{code:?} without a Basic challenge");
+            assert!(r.headers().get(header::WWW_AUTHENTICATE).is_none());
+        }
     }
 }

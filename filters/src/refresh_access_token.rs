@@ -43,6 +43,7 @@ use crate::client_auth::{ApplicationValidationConfig, GrantType};
 use crate::monitor::{MonitoringConfig, StoreOp};
 use crate::oauth::{
     self, AccessTokenConfig, ErrorCode, GrantBase, OAuthError, join_scope, parse_scope,
+    scope_tokens,
 };
 use crate::registry::{BuildContext, BuildError, parse};
 use crate::{Exchange, Filter, FilterError, Flow, SharedFilter};
@@ -206,6 +207,23 @@ impl RefreshAccessToken {
         let validate_registered = self.base.validation.config.validate_scopes;
         let decide = |old: &store::RefreshToken| -> RotateDecision {
             let scope = match &requested {
+                // RFC 6749 §6: an omitted scope is the original grant's. With
+                // validate_scopes, a scope the application is no longer registered for is left
+                // out of the new access token (RFC 6749 §3.3: the response's `scope` says what
+                // was issued), so taking a scope away from an application takes effect at its
+                // next refresh; with none of the grant left, the answer is invalid_scope.
+                None if validate_registered
+                    && scope_tokens(&old.grant.scope).any(|s| !app.has_scope(s)) =>
+                {
+                    let kept = parse_scope(&old.grant.scope)
+                        .into_iter()
+                        .filter(|s| app.has_scope(s));
+                    let kept = join_scope(kept);
+                    if kept.is_empty() {
+                        return RotateDecision::Reject;
+                    }
+                    kept
+                }
                 None => old.grant.scope.clone(),
                 Some(r) => {
                     let granted = parse_scope(&old.grant.scope);
@@ -604,6 +622,67 @@ mod tests {
             "the rotation was timed at {rotating} s, it took {ROTATION:?}"
         );
         assert_eq!(series("revoke_family").0, 1.0);
+    }
+
+    /// What a node built of `config` does with a refresh of `token` without a scope, by `app`
+    /// (registered for `read` only).
+    async fn refresh_without_scope(
+        memory: &Arc<store::memory::MemoryStore>,
+        config: &str,
+        token: &str,
+    ) -> Flow {
+        let registry = registry_with_app("refresh_token").await;
+        let (filter, _) = built(build, config, memory.clone(), Some(registry));
+        filter
+            .on_request(&mut refresh_request(token))
+            .await
+            .unwrap()
+    }
+
+    fn body_of(flow: Flow) -> serde_json::Value {
+        let Flow::Respond(r) = flow else {
+            panic!("expected an answer");
+        };
+        assert_eq!(r.status(), 200);
+        serde_json::from_slice(r.body()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_omitted_scope_reissues_only_what_the_application_is_still_registered_for() {
+        let memory = Arc::new(store::memory::MemoryStore::new(1_000));
+        let now = store::now();
+        // Granted `read write`; `app` has since lost `write` in the registry.
+        let (issue, pair) =
+            store::testing::new_issue(store::testing::grant("app"), now, 3600, 7200);
+        memory.issue(issue).await.unwrap();
+
+        let body = body_of(refresh_without_scope(&memory, "{}", &pair.refresh).await);
+        assert_eq!(body["scope"], "read", "{body}");
+        let access = Digest::of(body["access_token"].as_str().unwrap());
+        let at = memory.access_token(&access, now).await.unwrap().unwrap();
+        assert_eq!(at.grant.scope, "read");
+        // The new refresh token keeps the original grant (RFC 6749 §6): without the registry
+        // check the whole of it comes back.
+        let unchecked = "{application_validation: {validate_scopes: false}}";
+        let next = body["refresh_token"].as_str().unwrap();
+        let body = body_of(refresh_without_scope(&memory, unchecked, next).await);
+        assert_eq!(body["scope"], "read write", "{body}");
+
+        // Nothing of the grant left registered: invalid_scope, and the token is not consumed.
+        let grant = Arc::new(store::Grant {
+            scope: "write".into(),
+            ..(*store::testing::grant("app")).clone()
+        });
+        let (issue, pair) = store::testing::new_issue(grant, now, 3600, 7200);
+        memory.issue(issue).await.unwrap();
+        for _ in 0..2 {
+            let Flow::Fail(f) = refresh_without_scope(&memory, "{}", &pair.refresh).await else {
+                panic!("a grant with no registered scope left must fail");
+            };
+            assert_eq!(f.reason, "invalid_scope");
+        }
+        let body = body_of(refresh_without_scope(&memory, unchecked, &pair.refresh).await);
+        assert_eq!(body["scope"], "write", "{body}");
     }
 
     #[test]

@@ -87,9 +87,14 @@ impl ValidateAccessToken {
     }
 }
 
-/// The token of `Authorization: Bearer <token>`; `Err` when the header is there but malformed.
+/// The token of `Authorization: Bearer <token>`; `Err` when the header is there but malformed,
+/// or repeated (RFC 6750 §3.1: more than one way of including a token is `invalid_request`).
 fn bearer(ex: &Exchange) -> Option<Result<&str, ()>> {
-    let v = ex.headers().get(header::AUTHORIZATION)?;
+    let mut all = ex.headers().get_all(header::AUTHORIZATION).iter();
+    let v = all.next()?;
+    if all.next().is_some() {
+        return Some(Err(()));
+    }
     let v = match v.to_str() {
         Ok(v) => v.trim(),
         Err(_) => return Some(Err(())),
@@ -202,5 +207,27 @@ mod tests {
         assert!(ex.get("oauth.client_id").is_none());
         assert!(matches!(waits.on_request(&mut ex).await, Ok(Flow::Pass)));
         assert_eq!(ex.get("oauth.client_id").as_deref(), Some("app"));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_authorization_header_is_invalid_request_even_with_a_live_token_first() {
+        let memory: SharedStore = Arc::new(store::memory::MemoryStore::new(1_000));
+        let (issue, pair) =
+            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
+        memory.issue(issue).await.unwrap();
+        let filter = check(memory);
+        let (parts, ()) = http::Request::get("/api")
+            .header("authorization", format!("Bearer {}", pair.access))
+            .header("authorization", "Bearer another")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut ex = Exchange::new(parts, Bytes::new());
+        let Ok(Flow::Fail(f)) = filter.on_request(&mut ex).await else {
+            panic!("two Authorization headers must fail");
+        };
+        assert_eq!(f.reason, "invalid_request");
+        assert_eq!(f.response.status(), 400);
+        assert!(ex.get("oauth.client_id").is_none());
     }
 }

@@ -231,6 +231,18 @@ async fn errors_have_their_rfc_status_and_headers() {
     .await;
     assert_error(&r, 401, "invalid_client");
 
+    // invalid_request: a second authentication method beside the header (RFC 6749 §2.3), or
+    // the header twice (the first one is not silently taken).
+    let auth = t.auth();
+    let form = [("grant_type", "refresh_token"), ("refresh_token", rt)];
+    let in_query = format!("{TOKEN}?client_id={}&client_secret={}", t.id, t.secret);
+    let r = post_form(addr, &in_query, &[("authorization", &auth)], &form).await;
+    assert_error(&r, 400, "invalid_request");
+    let other = basic("someone-else", "x");
+    let twice = [("authorization", auth.as_str()), ("authorization", &other)];
+    let r = post_form(addr, TOKEN, &twice, &form).await;
+    assert_error(&r, 400, "invalid_request");
+
     // invalid_grant: unknown token.
     assert_error(
         &t.refresh("no-such-token-0123456789012345678901234", None)
@@ -404,8 +416,40 @@ async fn credentials_in_form_body_and_query_string() {
             form.extend([("app", t.id.as_str()), ("key", "nope")]);
         }
         let r = post_form(t.gw.public_addr, &bad, &[], &form).await;
-        assert_error(&r, 401, "invalid_client");
+        // RFC 6749 §5.2: a 400 unless the client used the Authorization header (a 401 must
+        // carry a challenge, RFC 7235 §3.1, and there is no HTTP scheme for these).
+        assert_error(&r, 400, "invalid_client");
         assert!(r.header("www-authenticate").is_none());
+
+        // The Authorization header alone, where this endpoint reads another location: 401 with
+        // a challenge, since the client used the header.
+        let auth = t.auth();
+        let header = [("authorization", auth.as_str())];
+        let grant = [("grant_type", "client_credentials")];
+        let r = post_form(t.gw.public_addr, TOKEN, &header, &grant).await;
+        assert_error(&r, 401, "invalid_client");
+        assert!(r.header("www-authenticate").unwrap().starts_with("Basic"));
+
+        // Two methods at once (RFC 6749 §2.3): the header beside this location's credentials,
+        // or a secret in the other location beside them, is invalid_request, never ignored.
+        let mut form = vec![("grant_type", "client_credentials")];
+        if !in_query {
+            form.extend(creds);
+        }
+        let r = post_form(t.gw.public_addr, &path, &header, &form).await;
+        assert_error(&r, 400, "invalid_request");
+        let (elsewhere_path, elsewhere_form) = if in_query {
+            (path.clone(), [("key", "other")])
+        } else {
+            (format!("{TOKEN}?key=other"), [("key", t.secret.as_str())])
+        };
+        let mut form = vec![("grant_type", "client_credentials")];
+        form.extend(elsewhere_form);
+        if !in_query {
+            form.push(("app", t.id.as_str()));
+        }
+        let r = post_form(t.gw.public_addr, &elsewhere_path, &[], &form).await;
+        assert_error(&r, 400, "invalid_request");
 
         // The query-string location is accepted with a warning from `gateway check`.
         let warnings = engine::check(t.dir.path()).await.unwrap();
