@@ -35,6 +35,12 @@ enum Field {
     Decoded(Box<str>),
 }
 
+/// No parameters: a query string or a form that is not there.
+static NO_PARAMS: Params = Params {
+    text: String::new(),
+    fields: Vec::new(),
+};
+
 impl Params {
     pub fn parse(input: &[u8]) -> Self {
         // Offsets are u32: far above any body or query the limits let through.
@@ -279,20 +285,19 @@ impl Exchange {
         &self.request.headers
     }
 
-    /// The query string, parsed on first use.
+    /// The query string, parsed on first use. Without one, nothing is parsed or kept (the
+    /// token filters look for credentials there on every grant).
     pub fn query(&self) -> &Params {
-        self.query
-            .get_or_init(|| Params::parse(self.request.uri.query().unwrap_or("").as_bytes()))
+        match self.request.uri.query() {
+            None | Some("") => &NO_PARAMS,
+            Some(q) => self.query.get_or_init(|| Params::parse(q.as_bytes())),
+        }
     }
 
     /// The body as a form, parsed on first use; empty unless the request says
     /// `Content-Type: application/x-www-form-urlencoded`.
     pub fn form(&self) -> &Params {
-        static NOT_A_FORM: Params = Params {
-            text: String::new(),
-            fields: Vec::new(),
-        };
-        self.declared_form().unwrap_or(&NOT_A_FORM)
+        self.declared_form().unwrap_or(&NO_PARAMS)
     }
 
     /// Whether the request says `Content-Type: application/x-www-form-urlencoded`.
