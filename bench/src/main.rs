@@ -51,6 +51,7 @@ usage:
                 shared out in turn, one RESULT line each)
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
   bench mem-tokens --kind memory|hashmap|moka [--pairs N]
+                (memory: also the median time of a family revocation, a scan of every entry)
 
 cases: ceiling chain chain-metrics-off refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
        refresh-postgres (PostgreSQL: TEST_DATABASE_URL, default
@@ -345,7 +346,7 @@ fn mem_tokens(args: &Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (entries, bytes) = rt.block_on(storebench::memory_per_token(&kind, pairs))?;
+    let (entries, bytes, scan_ms) = rt.block_on(storebench::memory_per_token(&kind, pairs))?;
     println!(
         "{}",
         serde_json::json!({
@@ -353,6 +354,7 @@ fn mem_tokens(args: &Args) -> anyhow::Result<()> {
             "entries": entries,
             "rss_delta_bytes": bytes,
             "bytes_per_entry": bytes as f64 / entries.max(1) as f64,
+            "revoke_family_scan_ms": scan_ms,
         })
     );
     Ok(())

@@ -184,8 +184,10 @@ fn baseline_pair(g: &Arc<Grant>, now: i64) -> [BaselineEntry; 2] {
 }
 
 /// Memory per entry after writing `pairs` access+refresh pairs (2 entries each, one shared
-/// `Arc<Grant>` per pair, as an issue writes them). Returns (entries, RSS delta in bytes).
-pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, u64)> {
+/// `Arc<Grant>` per pair, as an issue writes them). Returns (entries, RSS delta in bytes, and
+/// for the memory store the median time of a family revocation, which scans every entry, in
+/// milliseconds).
+pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, u64, Option<f64>)> {
     let client = "Xq3pL0aZ9bC8dE7fG6hI5j".to_owned();
     let before = procfs::status_kb("self", "VmRSS").unwrap_or(0);
     let now = store::now();
@@ -199,9 +201,14 @@ pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, 
             }
             let entries = store.entry_count();
             let after = procfs::status_kb("self", "VmRSS").unwrap_or(0);
-            // Keep the store alive until RSS is read.
-            drop(store);
-            return Ok((entries, after.saturating_sub(before) * 1024));
+            let mut scans = Vec::new();
+            for _ in 0..5 {
+                let started = std::time::Instant::now();
+                store.revoke_family(FamilyId::random()).await?;
+                scans.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            scans.sort_by(f64::total_cmp);
+            return Ok((entries, after.saturating_sub(before) * 1024, Some(scans[2])));
         }
         "hashmap" => {
             let mut map: HashMap<[u8; 32], BaselineEntry> = HashMap::new();
@@ -214,7 +221,7 @@ pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, 
             let entries = map.len() as u64;
             let after = procfs::status_kb("self", "VmRSS").unwrap_or(0);
             drop(map);
-            (entries, after.saturating_sub(before) * 1024)
+            (entries, after.saturating_sub(before) * 1024, None)
         }
         "moka" => {
             let cache: moka::sync::Cache<Digest, BaselineEntry, store::DigestBuildHasher> =
@@ -229,7 +236,7 @@ pub async fn memory_per_token(kind: &str, pairs: usize) -> anyhow::Result<(u64, 
             let entries = cache.entry_count();
             let after = procfs::status_kb("self", "VmRSS").unwrap_or(0);
             drop(cache);
-            (entries, after.saturating_sub(before) * 1024)
+            (entries, after.saturating_sub(before) * 1024, None)
         }
         other => anyhow::bail!("unknown memory kind {other:?} (memory | hashmap | moka)"),
     };
