@@ -164,10 +164,11 @@ fn side_cost(records: &[Record], sides: &[SideRecord], pair: SidePair) -> Option
     })
 }
 
-/// The order of one repetition: every case right after a fresh `ceiling` run (A B A B), the
-/// metrics pair in adjacent runs in alternating order, and the store-only reference right
-/// before the SQLite case.
-fn sequence(rep: usize, wanted: &[Case]) -> Vec<Case> {
+/// The order of one repetition, in groups that each placement runs whole before the next
+/// group starts: every case right after a fresh `ceiling` run (A B A B), the metrics pair in
+/// adjacent runs in alternating order, and the store-only reference right before the SQLite
+/// case.
+fn groups(rep: usize, wanted: &[Case]) -> Vec<Vec<Case>> {
     let metrics = if rep.is_multiple_of(2) {
         [Case::MetricsOff, Case::MetricsOn]
     } else {
@@ -180,19 +181,18 @@ fn sequence(rep: usize, wanted: &[Case]) -> Vec<Case> {
         vec![Case::SqliteRef, Case::RefreshSqlite],
         vec![Case::RefreshPostgres],
     ];
-    let mut seq = Vec::new();
+    let mut out = Vec::new();
     for g in groups {
         let g: Vec<Case> = g.into_iter().filter(|c| wanted.contains(c)).collect();
         if g.is_empty() {
             continue;
         }
-        seq.push(Case::Ceiling);
-        seq.extend(g);
+        out.push([vec![Case::Ceiling], g].concat());
     }
-    if seq.is_empty() {
-        seq.push(Case::Ceiling);
+    if out.is_empty() {
+        out.push(vec![Case::Ceiling]);
     }
-    seq
+    out
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -276,80 +276,83 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
     let mut records: Vec<Record> = Vec::new();
     let mut sides: Vec<SideRecord> = Vec::new();
     let pairs = side_pairs(plan);
-    let total: usize =
-        plan.reps * (plan.placements.len() * sequence(0, &plan.cases).len() + 2 * pairs.len());
+    let total: usize = plan.reps
+        * (plan.placements.len() * groups(0, &plan.cases).concat().len() + 2 * pairs.len());
     let mut done = 0;
-    // Each repetition runs every placement in turn (pinned first in even repetitions, unpinned
-    // first in odd ones), so that unpinned ÷ pinned compares adjacent sections of one
-    // repetition, not the two halves of a run half an hour long.
+    // Each group of runs (a `ceiling` run and the cases divided by it) runs in every placement
+    // in turn before the next group starts, pinned first in every other group, so that
+    // unpinned ÷ pinned compares runs a few seconds apart, not two sections of a repetition
+    // minutes apart: this VM drifts by more than the ratio's 3% allowance within minutes.
     for rep in 0..plan.reps {
-        let mut placements = plan.placements.clone();
-        if rep % 2 == 1 {
-            placements.reverse();
-        }
-        for placement in placements {
-            let mut last_ceiling = None;
-            let mut last_sqlite_ref = None;
-            let mut last_chain = None;
-            let mut last_metrics_off = None;
-            let mut last_metrics_on = None;
-            for case in sequence(rep, &plan.cases) {
-                done += 1;
-                eprint!(
-                    "[{done}/{total}] {:<8} rep {} {:<16} ",
-                    placement.name(),
-                    rep + 1,
-                    case.name()
-                );
-                let result = run_case(
-                    bins,
-                    case,
-                    placement,
-                    &plan.timing,
-                    &plan.pg_url,
-                    &RunOptions::default(),
-                )
-                .map_err(|e| format!("{e:#}"));
-                match &result {
-                    Ok(m) => eprintln!(
-                        "{:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  non-2xx {}",
-                        m.outcome.rps(),
-                        m.outcome.p50_us,
-                        m.outcome.p99_us,
-                        m.server_cpu_us_per_req,
-                        m.outcome.non_2xx
-                    ),
-                    Err(e) => eprintln!("FAILED: {}", e.lines().next().unwrap_or("")),
-                }
-                let idx = records.len();
-                let pair = match case {
-                    Case::ChainMetricsOff => last_chain,
-                    Case::RefreshSqlite => last_sqlite_ref,
-                    Case::MetricsOn => last_metrics_off,
-                    Case::MetricsOff => last_metrics_on,
-                    _ => None,
-                };
-                let ok = result.is_ok();
-                records.push(Record {
-                    rep,
-                    placement,
-                    case,
-                    result,
-                    ceiling: if case == Case::Ceiling {
-                        None
-                    } else {
-                        last_ceiling
-                    },
-                    pair,
-                });
-                if ok {
-                    match case {
-                        Case::Ceiling => last_ceiling = Some(idx),
-                        Case::SqliteRef => last_sqlite_ref = Some(idx),
-                        Case::Chain => last_chain = Some(idx),
-                        Case::MetricsOff => last_metrics_off = Some(idx),
-                        Case::MetricsOn => last_metrics_on = Some(idx),
-                        _ => {}
+        for (g, group) in groups(rep, &plan.cases).into_iter().enumerate() {
+            let mut placements = plan.placements.clone();
+            if (rep + g) % 2 == 1 {
+                placements.reverse();
+            }
+            for placement in placements {
+                let mut last_ceiling = None;
+                let mut last_sqlite_ref = None;
+                let mut last_chain = None;
+                let mut last_metrics_off = None;
+                let mut last_metrics_on = None;
+                for &case in &group {
+                    done += 1;
+                    eprint!(
+                        "[{done}/{total}] {:<8} rep {} {:<16} ",
+                        placement.name(),
+                        rep + 1,
+                        case.name()
+                    );
+                    let result = run_case(
+                        bins,
+                        case,
+                        placement,
+                        &plan.timing,
+                        &plan.pg_url,
+                        &RunOptions::default(),
+                    )
+                    .map_err(|e| format!("{e:#}"));
+                    match &result {
+                        Ok(m) => eprintln!(
+                            "{:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  non-2xx {}",
+                            m.outcome.rps(),
+                            m.outcome.p50_us,
+                            m.outcome.p99_us,
+                            m.server_cpu_us_per_req,
+                            m.outcome.non_2xx
+                        ),
+                        Err(e) => eprintln!("FAILED: {}", e.lines().next().unwrap_or("")),
+                    }
+                    let idx = records.len();
+                    let pair = match case {
+                        Case::ChainMetricsOff => last_chain,
+                        Case::RefreshSqlite => last_sqlite_ref,
+                        Case::MetricsOn => last_metrics_off,
+                        Case::MetricsOff => last_metrics_on,
+                        _ => None,
+                    };
+                    let ok = result.is_ok();
+                    records.push(Record {
+                        rep,
+                        placement,
+                        case,
+                        result,
+                        ceiling: if case == Case::Ceiling {
+                            None
+                        } else {
+                            last_ceiling
+                        },
+                        pair,
+                    });
+                    if ok {
+                        match case {
+                            Case::Ceiling => last_ceiling = Some(idx),
+                            Case::SqliteRef => last_sqlite_ref = Some(idx),
+                            Case::Chain => last_chain = Some(idx),
+                            Case::MetricsOff => last_metrics_off = Some(idx),
+                            Case::MetricsOn => last_metrics_on = Some(idx),
+                            _ => {}
+                        }
                     }
                 }
             }
@@ -603,8 +606,9 @@ fn report(plan: &Plan, records: &[Record], sides: &[SideRecord], memory: &Memory
         "- Protocol: {} repetition(s); per run {:.0} s warm-up then {:.0} s measured; HTTP/1.1 \
          keep-alive, {c} connections, closed loop (each connection sends its next request when \
          the previous answer is complete). Every server and store is fresh for every run. \
-         A repetition runs every case pinned, then every case unpinned (the other way round \
-         in odd repetitions).{}",
+         A repetition runs its cases in groups, each a `ceiling` run and the cases divided by \
+         it; each group runs pinned, then unpinned (the other way round every other group), \
+         before the next one starts.{}",
         plan.reps,
         plan.timing.warmup.as_secs_f64(),
         plan.timing.duration.as_secs_f64(),
