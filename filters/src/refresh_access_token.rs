@@ -512,7 +512,7 @@ mod tests {
         );
     }
 
-    use crate::testing::{built, registry_with_app, token_request};
+    use crate::testing::{built, memory_with_pair, registry_with_app, token_request};
 
     /// The filter over a file registry holding `app` and `store`.
     async fn over(store: store::SharedStore) -> SharedFilter {
@@ -526,10 +526,7 @@ mod tests {
 
     #[tokio::test]
     async fn over_the_memory_store_and_a_file_registry_a_grant_answers_without_a_future() {
-        let memory = Arc::new(store::memory::MemoryStore::new(1_000));
-        let (issue, pair) =
-            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
-        memory.issue(issue).await.unwrap();
+        let (memory, pair) = memory_with_pair().await;
         let filter = over(memory.clone()).await;
 
         let mut ex = refresh_request(&pair.refresh);
@@ -555,10 +552,8 @@ mod tests {
 
     #[tokio::test]
     async fn over_a_store_that_waits_the_filter_declines_and_the_waiting_path_answers_alike() {
-        let memory: store::SharedStore = Arc::new(store::memory::MemoryStore::new(1_000));
-        let (issue, pair) =
-            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
-        memory.issue(issue).await.unwrap();
+        let (memory, pair) = memory_with_pair().await;
+        let memory: store::SharedStore = memory;
         let filter = over(Arc::new(store::testing::ThroughFutures(memory.clone()))).await;
 
         let mut ex = refresh_request(&pair.refresh);
@@ -649,12 +644,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_omitted_scope_reissues_only_what_the_application_is_still_registered_for() {
-        let memory = Arc::new(store::memory::MemoryStore::new(1_000));
-        let now = store::now();
         // Granted `read write`; `app` has since lost `write` in the registry.
-        let (issue, pair) =
-            store::testing::new_issue(store::testing::grant("app"), now, 3600, 7200);
-        memory.issue(issue).await.unwrap();
+        let (memory, pair) = memory_with_pair().await;
+        let now = store::now();
 
         let body = body_of(refresh_without_scope(&memory, "{}", &pair.refresh).await);
         assert_eq!(body["scope"], "read", "{body}");

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use monitoring::Monitoring;
 use store::clients::SharedRegistry;
 use store::clients::file::FileRegistry;
-use store::{ClientApplication, ClientRegistry, Digest, SharedStore};
+use store::memory::MemoryStore;
+use store::testing::Pair;
+use store::{ClientApplication, ClientRegistry, Digest, SharedStore, TokenStore};
 
 use crate::{BuildContext, BuildError, Exchange, SharedFilter};
 
@@ -57,6 +59,16 @@ pub fn built(
     };
     let filter = build(serde_yaml::from_str(config).unwrap(), &cx).unwrap();
     (filter, monitoring)
+}
+
+/// A memory store holding one issued pair of `store::testing::grant("app")` (scope
+/// `read write`, access token for an hour, refresh token for two), and its tokens.
+pub async fn memory_with_pair() -> (Arc<MemoryStore>, Pair) {
+    let memory = Arc::new(MemoryStore::new(1_000));
+    let (issue, pair) =
+        store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
+    memory.issue(issue).await.unwrap();
+    (memory, pair)
 }
 
 /// A form posted to the token endpoint, authenticated as [`app`] with HTTP Basic.

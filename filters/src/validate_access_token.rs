@@ -182,10 +182,8 @@ mod tests {
 
     #[tokio::test]
     async fn over_the_memory_store_a_bearer_check_answers_on_the_spot_and_otherwise_waits() {
-        let memory: SharedStore = Arc::new(store::memory::MemoryStore::new(1_000));
-        let (issue, pair) =
-            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
-        memory.issue(issue).await.unwrap();
+        let (memory, pair) = crate::testing::memory_with_pair().await;
+        let memory: SharedStore = memory;
         let filter = check(memory.clone());
 
         let mut ex = bearer_request(&pair.access);
@@ -211,10 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_repeated_authorization_header_is_invalid_request_even_with_a_live_token_first() {
-        let memory: SharedStore = Arc::new(store::memory::MemoryStore::new(1_000));
-        let (issue, pair) =
-            store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
-        memory.issue(issue).await.unwrap();
+        let (memory, pair) = crate::testing::memory_with_pair().await;
         let filter = check(memory);
         let (parts, ()) = http::Request::get("/api")
             .header("authorization", format!("Bearer {}", pair.access))
