@@ -51,7 +51,8 @@ usage:
                 shared out in turn, one RESULT line each)
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
   bench mem-tokens --kind memory|hashmap|moka [--pairs N]
-                (memory: also the median time of a family revocation, a scan of every entry)
+                (memory: also the median times of a family revocation and of the purge pass
+                that sweeps it, beside a pass with nothing to sweep)
 
 cases: ceiling chain chain-metrics-off refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
        refresh-postgres (PostgreSQL: TEST_DATABASE_URL, default
@@ -346,7 +347,7 @@ fn mem_tokens(args: &Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (entries, bytes, scan_ms) = rt.block_on(storebench::memory_per_token(&kind, pairs))?;
+    let (entries, bytes, times) = rt.block_on(storebench::memory_per_token(&kind, pairs))?;
     println!(
         "{}",
         serde_json::json!({
@@ -354,7 +355,9 @@ fn mem_tokens(args: &Args) -> anyhow::Result<()> {
             "entries": entries,
             "rss_delta_bytes": bytes,
             "bytes_per_entry": bytes as f64 / entries.max(1) as f64,
-            "revoke_family_scan_ms": scan_ms,
+            "revoke_family_us": times.as_ref().map(|t| t.revoke_family_us),
+            "purge_pass_ms": times.as_ref().map(|t| t.purge_pass_ms),
+            "purge_pass_sweeping_ms": times.as_ref().map(|t| t.purge_pass_sweeping_ms),
         })
     );
     Ok(())

@@ -43,7 +43,10 @@ pub trait Backend: Sync {
         decide: &Decide<'_>,
     ) -> impl Future<Output = StoreResult<RotateOutcome>> + Send;
 
-    fn revoke_family(&self, family: FamilyId) -> impl Future<Output = StoreResult<u64>> + Send;
+    fn revoke_family(
+        &self,
+        family: FamilyId,
+    ) -> impl Future<Output = StoreResult<Option<u64>>> + Send;
 }
 
 /// The stores' own futures.
@@ -113,7 +116,10 @@ impl Backend for Waiting<'_> {
         self.store.rotate(presented, client_id, now, decide).await
     }
 
-    fn revoke_family(&self, family: FamilyId) -> impl Future<Output = StoreResult<u64>> + Send {
+    fn revoke_family(
+        &self,
+        family: FamilyId,
+    ) -> impl Future<Output = StoreResult<Option<u64>>> + Send {
         self.store.revoke_family(family)
     }
 }
@@ -154,7 +160,7 @@ impl Backend for Immediate<'_> {
         self.store.rotate_now(presented, client_id, now, decide)
     }
 
-    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<Option<u64>> {
         self.store.revoke_family_now(family)
     }
 }

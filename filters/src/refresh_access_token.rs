@@ -448,7 +448,7 @@ mod tests {
                 replay: None,
             })
         }
-        fn revoke_family_now(&self, _: FamilyId) -> StoreResult<u64> {
+        fn revoke_family_now(&self, _: FamilyId) -> StoreResult<Option<u64>> {
             Err(StoreError::Unavailable("down".into()))
         }
     }
@@ -480,7 +480,7 @@ mod tests {
         async fn revoke_token(&self, _: &Digest) -> StoreResult<bool> {
             Err(StoreError::Unavailable("down".into()))
         }
-        async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+        async fn revoke_family(&self, family: FamilyId) -> StoreResult<Option<u64>> {
             self.revoke_family_now(family)
         }
         async fn purge_expired(&self, _: UnixTime) -> StoreResult<u64> {

@@ -321,7 +321,7 @@ impl Monitoring {
         );
         let store_purged = reg.counter_vec(
             "gateway_store_purged_tokens_total",
-            "Expired tokens removed from a token store by the purge task.",
+            "Tokens removed from a token store by the purge task: expired, or (memory store) of a revoked family.",
             &["store"],
         );
         let store_ops = reg.timed(FamilyDef {

@@ -292,11 +292,16 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Revokes one token (access or refresh). Returns whether a live token was found.
     async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool>;
 
-    /// Revokes every token of a family (reuse detection). Returns how many live tokens went.
-    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64>;
+    /// Revokes every token of a family (reuse detection): from its return on, no token of the
+    /// family is found by a lookup, rotates or counts as live, and no rotation adds one.
+    /// Returns how many live tokens went, where the store counts them as it revokes (SQL: the
+    /// rows it updated), or `None` where it revokes at once but removes the tokens later (the
+    /// memory store: see [`memory`]).
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<Option<u64>>;
 
-    /// Removes expired entries (including tombstones of consumed tokens past their expiry).
-    /// Returns how many entries were removed.
+    /// Removes expired entries (including tombstones of consumed tokens past their expiry),
+    /// and the entries of families revoked before the pass started where the store removes
+    /// them later ([`TokenStore::revoke_family`]). Returns how many entries were removed.
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64>;
 
     /// Live (unexpired, unconsumed, unrevoked) tokens, access and refresh together.
@@ -330,7 +335,7 @@ pub trait ImmediateStore: Send + Sync {
         decide: &Decide<'_>,
     ) -> StoreResult<RotateOutcome>;
 
-    fn revoke_family_now(&self, family: FamilyId) -> StoreResult<u64>;
+    fn revoke_family_now(&self, family: FamilyId) -> StoreResult<Option<u64>>;
 }
 
 pub type SharedStore = Arc<dyn TokenStore>;

@@ -738,7 +738,7 @@ impl TokenStore for SqlStore {
         })
     }
 
-    async fn revoke_family(&self, family: FamilyId) -> StoreResult<u64> {
+    async fn revoke_family(&self, family: FamilyId) -> StoreResult<Option<u64>> {
         // Under READ COMMITTED each statement sees a fresh snapshot. A rotation that commits a
         // new pair while the first UPDATE waits on its row is not in that UPDATE's snapshot,
         // but the row it waited on was then updated, so the loop runs again and the next
@@ -770,7 +770,7 @@ impl TokenStore for SqlStore {
                     .count() as u64;
             }
             tx.commit().await.map_err(map_err)?;
-            Ok(live)
+            Ok(Some(live))
         })
     }
 

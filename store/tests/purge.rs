@@ -38,7 +38,7 @@ impl TokenStore for Flaky {
     async fn revoke_token(&self, d: &Digest) -> StoreResult<bool> {
         self.inner.revoke_token(d).await
     }
-    async fn revoke_family(&self, f: FamilyId) -> StoreResult<u64> {
+    async fn revoke_family(&self, f: FamilyId) -> StoreResult<Option<u64>> {
         self.inner.revoke_family(f).await
     }
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {

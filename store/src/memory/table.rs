@@ -117,10 +117,6 @@ impl<V> Table<V> {
         self.current.values().chain(self.retiring.values())
     }
 
-    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
-        self.current.values_mut().chain(self.retiring.values_mut())
-    }
-
     pub(super) fn retain(&mut self, mut keep: impl FnMut(&Digest, &mut V) -> bool) {
         self.current.retain(&mut keep);
         if !self.retiring.is_empty() {
@@ -187,7 +183,7 @@ mod tests {
     }
 
     #[test]
-    fn replacing_removing_and_mutating_during_a_growth() {
+    fn replacing_removing_and_changing_during_a_growth() {
         let mut t = Table::default();
         let mut i = 0u64;
         while !t.growing() {
@@ -205,10 +201,6 @@ mod tests {
         let odd = t.values().count();
         assert_eq!(t.len(), odd);
         assert!(t.values().all(|v| v % 2 == 1));
-        for v in t.values_mut() {
-            *v += 1;
-        }
-        assert!(t.values().all(|v| v % 2 == 0));
         // Writes finish the growth; the table then shrinks once it is sparse.
         let mut j = 1_000_000u64;
         while t.growing() {
@@ -219,7 +211,7 @@ mod tests {
         t.shrink_if_sparse();
         assert_eq!(t.len(), 1);
         assert!(t.current.capacity() < 16, "{}", t.current.capacity());
-        assert_eq!(t.get(&key(1)), Some(&1002));
+        assert_eq!(t.get(&key(1)), Some(&1001));
         assert_eq!(t.get(&key(0)), None);
     }
 
