@@ -4,7 +4,7 @@
 //! behind their own mutexes so that the two cores never wait on one lock. An access token and
 //! the refresh token of the same issue share one `Arc<Grant>`, so an entry is a digest, two
 //! pointers and a few integers (≈ 88 bytes in its slot). There is no per-entry timer, deque
-//! node or reference-counted key, which is what keeps a million live tokens near 300 bytes
+//! node or reference-counted key, which is what keeps a million live tokens near 250 bytes
 //! each (BENCHMARKS.md) and a rotation near a microsecond.
 //!
 //! Expiry: every lookup compares `expires_at` with the caller's clock, so a token is refused at
@@ -34,11 +34,14 @@
 //! then on every lookup, rotation and count refuses the family's tokens (one atomic load when
 //! the set is empty, a binary search when not), and no rotation can add to it. The purge pass,
 //! which visits every entry anyway, removes the entries of the families revoked before it
-//! started and then takes those families out of the set.
+//! started and then takes those families out of the set; past [`MAX_PENDING_REVOCATIONS`]
+//! pending families, the revocation that reaches the bound does that pass itself.
 
 mod table;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -145,19 +148,47 @@ type Table = table::Table<Entry>;
 /// See [`Entry::eviction_rank`].
 type Rank = (bool, UnixTime, UnixTime);
 
-/// The revoked families, sorted: a binary search and no hashing, because a purge pass asks
-/// once per entry (at a million entries a sweeping pass took 35 ms with a `HashSet`'s SipHash,
-/// 22-26 ms with this, against 13 ms for a pass with nothing to sweep: `bench mem-tokens --kind
-/// memory`). The store holds it behind an `Arc` so that a pass over entries takes it as it
-/// stands in O(1); a revocation during the pass copies it (copy on write).
+/// Hashes a family id by folding its two halves. Family ids are random 128-bit numbers the
+/// gateway draws itself, never a client's choice, so this needs none of SipHash's defence, and
+/// a purge pass that sweeps revoked families asks once per entry: at a million entries a
+/// sweeping pass took 35 ms with SipHash and 15-16 ms with this, against 11-13 ms for a pass
+/// with nothing to sweep (`bench mem-tokens --kind memory`).
+#[derive(Default)]
+struct FamilyHasher(u64);
+
+impl Hasher for FamilyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 ^= (n as u64) ^ ((n >> 64) as u64);
+    }
+}
+
+type FamilySet = HashSet<u128, BuildHasherDefault<FamilyHasher>>;
+
+/// The revoked families. The store holds them behind an `Arc`, so that a pass over the entries
+/// takes them as they stand in O(1); a revocation during the pass copies the set once (copy on
+/// write).
 #[derive(Clone, Default)]
-struct Revoked(Arc<Vec<u128>>);
+struct Revoked(Arc<FamilySet>);
 
 impl Revoked {
     fn contains(&self, family: FamilyId) -> bool {
-        !self.0.is_empty() && self.0.binary_search(&family.0).is_ok()
+        !self.0.is_empty() && self.0.contains(&family.0)
     }
 }
+
+/// Revoked families pending before a revocation sweeps them itself instead of leaving them to
+/// the next purge pass: this bounds the set (and what a client replaying fresh families can
+/// grow it to between passes) and costs one pass over the store per that many revocations
+/// (about 15 ms at a million tokens, under 4 µs per revocation).
+const MAX_PENDING_REVOCATIONS: usize = 4096;
 
 /// Slots of the [`ShardMap`]: each shard gets between 44 and 89 of them.
 const SHARD_SLOTS: usize = 16384;
@@ -246,6 +277,8 @@ pub struct MemoryStore {
     /// `revoked.len()`, written under its lock and read without it, so that a store with no
     /// revocation pending pays one atomic load per lookup.
     revoked_len: AtomicUsize,
+    /// Whether a revocation is sweeping the revoked families ([`MAX_PENDING_REVOCATIONS`]).
+    sweeping: AtomicBool,
     max_tokens: u64,
     len: AtomicU64,
     evictions: AtomicU64,
@@ -262,6 +295,7 @@ impl MemoryStore {
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             revoked: Mutex::default(),
             revoked_len: AtomicUsize::new(0),
+            sweeping: AtomicBool::new(false),
             max_tokens: max_tokens.max(1),
             len: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -278,9 +312,11 @@ impl MemoryStore {
         self.len.load(Ordering::Relaxed)
     }
 
-    /// Families revoked and not yet purged. A rotation or revocation asks this holding the
-    /// family's lock, under which the family was put in the set, so it cannot miss it; a bare
-    /// lookup racing a revocation may see the token still live, as if it had come first.
+    /// Families revoked and not yet purged. Asked either holding the family's lock (rotation,
+    /// single revocation), under which the family went into the set, or holding the lock of
+    /// the shard where the token's entry was just found (lookup): a family leaves the set only
+    /// after a purge pass has removed its entries, shard by shard under their locks, so while
+    /// an entry is seen in its shard its family, if revoked, is still in the set.
     fn family_revoked(&self, family: FamilyId) -> bool {
         self.revoked_len.load(Ordering::Acquire) > 0 && locked(&self.revoked).contains(family)
     }
@@ -295,7 +331,7 @@ impl MemoryStore {
 
     /// Changes the revoked families, and their count for [`Self::family_revoked`], under the
     /// set's lock.
-    fn change_revoked(&self, change: impl FnOnce(&mut Vec<u128>)) {
+    fn change_revoked(&self, change: impl FnOnce(&mut FamilySet)) {
         let mut set = locked(&self.revoked);
         let families = Arc::make_mut(&mut set.0);
         change(families);
@@ -419,6 +455,31 @@ impl MemoryStore {
         }
     }
 
+    /// [`Self::purge_shard`] on one of the store's shards, counted out of its length.
+    fn purge_shard_of(&self, shard: &Mutex<Table>, now: UnixTime, revoked: &Revoked) -> u64 {
+        let gone = Self::purge_shard(&mut locked(shard), now, revoked);
+        self.len.fetch_sub(gone, Ordering::Relaxed);
+        gone
+    }
+
+    /// Removes the entries of the pending revoked families from every shard at once (no
+    /// yield: it runs inside a revocation, [`MAX_PENDING_REVOCATIONS`]), then forgets them.
+    /// Expired entries are left to the purge task, which counts what it removes.
+    fn sweep_revoked(&self) {
+        let revoked = self.revoked_now();
+        for shard in self.shards.iter() {
+            self.purge_shard_of(shard, UnixTime::MIN, &revoked);
+        }
+        self.forget_swept(&revoked);
+    }
+
+    /// Takes out of the revoked set the families of a pass that has been through every shard.
+    fn forget_swept(&self, swept: &Revoked) {
+        if !swept.0.is_empty() {
+            self.change_revoked(|families| families.retain(|&f| !swept.contains(FamilyId(f))));
+        }
+    }
+
     /// Removes a shard's expired entries and those of the `revoked` families; returns how many
     /// went.
     fn purge_shard(table: &mut Table, now: UnixTime, revoked: &Revoked) -> u64 {
@@ -501,17 +562,19 @@ impl ImmediateStore for MemoryStore {
     }
 
     fn access_token_now(&self, digest: &Digest, now: UnixTime) -> StoreResult<Option<AccessToken>> {
-        let token = self
+        // The revoked families are asked under the shard's lock: see `family_revoked`.
+        Ok(self
             .read(digest, |e| {
-                (e.kind == Kind::Access && e.is_live(now)).then(|| AccessToken {
-                    family: e.family(),
-                    grant: e.grant.clone(),
-                    issued_at: e.issued_at,
-                    expires_at: e.expires_at,
-                })
+                (e.kind == Kind::Access && e.is_live(now) && !self.family_revoked(e.family())).then(
+                    || AccessToken {
+                        family: e.family(),
+                        grant: e.grant.clone(),
+                        issued_at: e.issued_at,
+                        expires_at: e.expires_at,
+                    },
+                )
             })
-            .flatten();
-        Ok(token.filter(|t| !self.family_revoked(t.family)))
+            .flatten())
     }
 
     fn rotate_now(
@@ -535,14 +598,21 @@ impl ImmediateStore for MemoryStore {
 
     /// Puts the family in the revoked set (see the module's doc) under its family lock, so
     /// that no rotation of it can be under way or start afterwards. The entries go at the next
-    /// purge pass; how many of them were live is not counted.
+    /// purge pass, or at once when [`MAX_PENDING_REVOCATIONS`] are pending; how many of them
+    /// were live is not counted.
     fn revoke_family_now(&self, family: FamilyId) -> StoreResult<Option<u64>> {
-        let _guard = self.lock(family);
-        self.change_revoked(|families| {
-            if let Err(at) = families.binary_search(&family.0) {
-                families.insert(at, family.0);
-            }
-        });
+        {
+            let _guard = self.lock(family);
+            self.change_revoked(|families| {
+                families.insert(family.0);
+            });
+        }
+        if self.revoked_len.load(Ordering::Acquire) >= MAX_PENDING_REVOCATIONS
+            && !self.sweeping.swap(true, Ordering::AcqRel)
+        {
+            self.sweep_revoked();
+            self.sweeping.store(false, Ordering::Release);
+        }
         Ok(None)
     }
 }
@@ -606,16 +676,12 @@ impl TokenStore for MemoryStore {
         let revoked = self.revoked_now();
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let gone = Self::purge_shard(&mut locked(shard), now, &revoked);
-            self.len.fetch_sub(gone, Ordering::Relaxed);
-            removed += gone;
+            removed += self.purge_shard_of(shard, now, &revoked);
             // One shard at a time: at a million tokens a whole pass takes milliseconds, which
             // requests on this worker should not wait for in one piece.
             tokio::task::yield_now().await;
         }
-        if !revoked.0.is_empty() {
-            self.change_revoked(|families| families.retain(|&f| !revoked.contains(FamilyId(f))));
-        }
+        self.forget_swept(&revoked);
         Ok(removed)
     }
 
@@ -776,6 +842,37 @@ mod tests {
         assert_eq!(store.entry_count(), 2);
         assert_eq!(pending(), 0, "the swept family leaves the set");
         assert!(store.read(&access, |_| ()).is_none());
+        assert!(
+            store
+                .access_token_now(&bystander, now)
+                .expect("lookup")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn pending_revocations_past_the_bound_are_swept_at_once() {
+        let store = MemoryStore::new(1000);
+        let now = crate::now();
+        let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now, 3600, 7200);
+        store.write_issue(&issue, issue.family, 0);
+        let bystander = pair(&store, now, 3600);
+        store.revoke_family_now(issue.family).expect("revoke");
+        for _ in 1..MAX_PENDING_REVOCATIONS - 1 {
+            store.revoke_family_now(FamilyId::random()).expect("revoke");
+        }
+        assert_eq!(
+            store.entry_count(),
+            4,
+            "below the bound, the entries wait for the purge"
+        );
+        store.revoke_family_now(FamilyId::random()).expect("revoke");
+        assert_eq!(
+            store.entry_count(),
+            2,
+            "the bound's revocation swept the family"
+        );
+        assert_eq!(store.revoked_len.load(Ordering::Acquire), 0);
         assert!(
             store
                 .access_token_now(&bystander, now)

@@ -1,8 +1,9 @@
 //! The purge task: removes expired tokens on the configured interval (the seeds' "purge
-//! expired tokens every", 60 s by default).
+//! expired tokens every", 60 s by default), and in the memory store the tokens of revoked
+//! families ([`crate::memory`]).
 //!
-//! Expired tokens are refused by every lookup whether or not the purge has run; the purge only
-//! gives the space back. A failing purge (store down) logs a warning and tries again at the
+//! Expired and revoked tokens are refused by every lookup whether or not the purge has run;
+//! the purge only gives the space back. A failing purge (store down) logs a warning and tries again at the
 //! next tick: it never ends the task.
 
 use std::time::Duration;
@@ -31,9 +32,13 @@ pub fn spawn(
             match store.purge_expired(crate::now()).await {
                 Ok(removed) => {
                     if removed > 0 {
-                        tracing::info!(store = store.kind(), removed, "purged expired tokens");
+                        tracing::info!(
+                            store = store.kind(),
+                            removed,
+                            "purged expired and revoked tokens"
+                        );
                     } else {
-                        tracing::debug!(store = store.kind(), "purge found no expired tokens");
+                        tracing::debug!(store = store.kind(), "purge found nothing to remove");
                     }
                     on_purged(removed);
                 }
