@@ -32,10 +32,11 @@
 //! million entries takes a worker 17-18 ms, which a client replaying fresh families could
 //! demand every third request. Revoking puts the family in the set under its family lock; from
 //! then on every lookup, rotation and count refuses the family's tokens (one atomic load when
-//! the set is empty, a binary search when not), and no rotation can add to it. The purge pass,
-//! which visits every entry anyway, removes the entries of the families revoked before it
-//! started and then takes those families out of the set; past [`MAX_PENDING_REVOCATIONS`]
-//! pending families, the revocation that reaches the bound does that pass itself.
+//! the set is empty, a hash lookup under one mutex when not), and no rotation can add to it.
+//! The purge pass, which visits every entry anyway, removes the entries of the families
+//! revoked before it started and then takes those families out of the set; past
+//! [`MAX_PENDING_REVOCATIONS`] pending families, the revocation that reaches the bound does
+//! that pass itself.
 
 mod table;
 
