@@ -195,7 +195,7 @@ fn groups(rep: usize, wanted: &[Case]) -> Vec<Vec<Case>> {
     out
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

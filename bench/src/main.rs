@@ -355,9 +355,9 @@ fn mem_tokens(args: &Args) -> anyhow::Result<()> {
             "entries": entries,
             "rss_delta_bytes": bytes,
             "bytes_per_entry": bytes as f64 / entries.max(1) as f64,
-            "revoke_family_us": times.as_ref().map(|t| t.revoke_family_us),
-            "purge_pass_ms": times.as_ref().map(|t| t.purge_pass_ms),
-            "purge_pass_sweeping_ms": times.as_ref().map(|t| t.purge_pass_sweeping_ms),
+            "revoke_family_us": times.as_ref().and_then(|t| t.revoke_family_us),
+            "purge_pass_ms": times.as_ref().and_then(|t| t.purge_pass_ms),
+            "purge_pass_sweeping_ms": times.as_ref().and_then(|t| t.purge_pass_sweeping_ms),
         })
     );
     Ok(())

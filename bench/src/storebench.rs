@@ -187,17 +187,12 @@ fn baseline_pair(g: &Arc<Grant>, now: i64) -> [BaselineEntry; 2] {
 /// itself (into the revoked set), and the purge pass that sweeps the revoked families, beside
 /// the same pass with none pending. Medians of [`TIMED`] runs.
 pub struct RevocationTimes {
-    pub revoke_family_us: f64,
-    pub purge_pass_ms: f64,
-    pub purge_pass_sweeping_ms: f64,
+    pub revoke_family_us: Option<f64>,
+    pub purge_pass_ms: Option<f64>,
+    pub purge_pass_sweeping_ms: Option<f64>,
 }
 
 const TIMED: usize = 5;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Memory per entry after writing `pairs` access+refresh pairs (2 entries each, one shared
 /// `Arc<Grant>` per pair, as an issue writes them). Returns the entries, the RSS delta in
@@ -237,9 +232,9 @@ pub async fn memory_per_token(
                 sweeps.push(started.elapsed().as_secs_f64() * 1e3);
             }
             let times = RevocationTimes {
-                revoke_family_us: median(revokes),
-                purge_pass_ms: median(passes),
-                purge_pass_sweeping_ms: median(sweeps),
+                revoke_family_us: crate::harness::median(revokes),
+                purge_pass_ms: crate::harness::median(passes),
+                purge_pass_sweeping_ms: crate::harness::median(sweeps),
             };
             return Ok((entries, after.saturating_sub(before) * 1024, Some(times)));
         }

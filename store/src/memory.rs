@@ -456,9 +456,17 @@ impl MemoryStore {
         }
     }
 
-    /// [`Self::purge_shard`] on one of the store's shards, counted out of its length.
-    fn purge_shard_of(&self, shard: &Mutex<Table>, now: UnixTime, revoked: &Revoked) -> u64 {
-        let gone = Self::purge_shard(&mut locked(shard), now, revoked);
+    /// Removes a shard's expired entries and those of the `revoked` families, counted out of
+    /// the store's length; returns how many went.
+    fn purge_shard(&self, shard: &Mutex<Table>, now: UnixTime, revoked: &Revoked) -> u64 {
+        let mut table = locked(shard);
+        let before = table.len();
+        table.retain(|_, e| e.expires_at > now && !revoked.contains(e.family()));
+        let gone = (before - table.len()) as u64;
+        // Give memory back after a wave of expiries.
+        if gone > 0 {
+            table.shrink_if_sparse();
+        }
         self.len.fetch_sub(gone, Ordering::Relaxed);
         gone
     }
@@ -469,7 +477,7 @@ impl MemoryStore {
     fn sweep_revoked(&self) {
         let revoked = self.revoked_now();
         for shard in self.shards.iter() {
-            self.purge_shard_of(shard, UnixTime::MIN, &revoked);
+            self.purge_shard(shard, UnixTime::MIN, &revoked);
         }
         self.forget_swept(&revoked);
     }
@@ -479,19 +487,6 @@ impl MemoryStore {
         if !swept.0.is_empty() {
             self.change_revoked(|families| families.retain(|&f| !swept.contains(FamilyId(f))));
         }
-    }
-
-    /// Removes a shard's expired entries and those of the `revoked` families; returns how many
-    /// went.
-    fn purge_shard(table: &mut Table, now: UnixTime, revoked: &Revoked) -> u64 {
-        let before = table.len();
-        table.retain(|_, e| e.expires_at > now && !revoked.contains(e.family()));
-        let gone = before - table.len();
-        // Give memory back after a wave of expiries.
-        if gone > 0 {
-            table.shrink_if_sparse();
-        }
-        gone as u64
     }
 
     /// The rotation proper; the caller holds the family lock.
@@ -677,7 +672,7 @@ impl TokenStore for MemoryStore {
         let revoked = self.revoked_now();
         let mut removed = 0;
         for shard in self.shards.iter() {
-            removed += self.purge_shard_of(shard, now, &revoked);
+            removed += self.purge_shard(shard, now, &revoked);
             // One shard at a time: at a million tokens a whole pass takes milliseconds, which
             // requests on this worker should not wait for in one piece.
             tokio::task::yield_now().await;
@@ -823,18 +818,30 @@ mod tests {
         assert!(held(1) && held(2) && held(4));
     }
 
+    /// Two issued pairs: the family and access token of the first (to revoke), and the access
+    /// token of the second (which must survive).
+    fn family_beside_a_bystander(store: &MemoryStore, now: UnixTime) -> (FamilyId, Digest, Digest) {
+        let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now, 3600, 7200);
+        store.write_issue(&issue, issue.family, 0);
+        (issue.family, issue.access.digest, pair(store, now, 3600))
+    }
+
+    fn is_live_access(store: &MemoryStore, digest: &Digest, now: UnixTime) -> bool {
+        store
+            .access_token_now(digest, now)
+            .expect("lookup")
+            .is_some()
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_revoked_family_is_refused_at_once_and_removed_by_the_next_purge() {
         let store = MemoryStore::new(1000);
         let now = crate::now();
-        let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now, 3600, 7200);
-        let (family, access) = (issue.family, issue.access.digest);
-        store.write_issue(&issue, family, 0);
-        let bystander = pair(&store, now, 3600);
+        let (family, access, bystander) = family_beside_a_bystander(&store, now);
         let pending = || store.revoked_len.load(Ordering::Acquire);
 
         assert_eq!(store.revoke_family_now(family).expect("revoke"), None);
-        assert_eq!(store.access_token_now(&access, now).expect("lookup"), None);
+        assert!(!is_live_access(&store, &access, now));
         assert_eq!(store.count_live(now).await.expect("count"), 2);
         assert_eq!(store.entry_count(), 4, "the entries stay until the purge");
         assert_eq!(pending(), 1);
@@ -843,22 +850,15 @@ mod tests {
         assert_eq!(store.entry_count(), 2);
         assert_eq!(pending(), 0, "the swept family leaves the set");
         assert!(store.read(&access, |_| ()).is_none());
-        assert!(
-            store
-                .access_token_now(&bystander, now)
-                .expect("lookup")
-                .is_some()
-        );
+        assert!(is_live_access(&store, &bystander, now));
     }
 
     #[test]
     fn pending_revocations_past_the_bound_are_swept_at_once() {
         let store = MemoryStore::new(1000);
         let now = crate::now();
-        let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now, 3600, 7200);
-        store.write_issue(&issue, issue.family, 0);
-        let bystander = pair(&store, now, 3600);
-        store.revoke_family_now(issue.family).expect("revoke");
+        let (family, _, bystander) = family_beside_a_bystander(&store, now);
+        store.revoke_family_now(family).expect("revoke");
         for _ in 1..MAX_PENDING_REVOCATIONS - 1 {
             store.revoke_family_now(FamilyId::random()).expect("revoke");
         }
@@ -874,12 +874,7 @@ mod tests {
             "the bound's revocation swept the family"
         );
         assert_eq!(store.revoked_len.load(Ordering::Acquire), 0);
-        assert!(
-            store
-                .access_token_now(&bystander, now)
-                .expect("lookup")
-                .is_some()
-        );
+        assert!(is_live_access(&store, &bystander, now));
     }
 
     #[test]

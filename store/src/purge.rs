@@ -3,8 +3,8 @@
 //! families ([`crate::memory`]).
 //!
 //! Expired and revoked tokens are refused by every lookup whether or not the purge has run;
-//! the purge only gives the space back. A failing purge (store down) logs a warning and tries again at the
-//! next tick: it never ends the task.
+//! the purge only gives the space back. A failing purge (store down) logs a warning and tries
+//! again at the next tick: it never ends the task.
 
 use std::time::Duration;
 
