@@ -66,6 +66,7 @@ PY
 done
 creds="$("$bin/gateway" clients add --policies "$work/refresh" --name bench --scopes read --json)"
 id="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["client_id"])' "$creds")"
+# The secret goes to the load generator in its environment, never on a command line.
 secret="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["client_secret"])' "$creds")"
 
 declare -A per
@@ -77,16 +78,16 @@ for case in ${CASES:-ceiling chain chain-off refresh refresh-off}; do
     server=("$bin/gateway" run --policies "$work/$case" --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)")
   fi
   case $case in
-    refresh*) load=(--client-id "$id" --secret "$secret") ;;
-    *) load=(--path /) ;;
+    refresh*) load=(--client-id "$id"); secrets="$secret" ;;
+    *) load=(--path /); secrets= ;;
   esac
   GATEWAY_WORKER_THREADS=1 RUST_LOG=warn valgrind --tool=callgrind ${CALLGRIND_OPTS:-} --callgrind-out-file="$work/$case.out" \
     "${server[@]}" > "$work/$case.log" 2>&1 &
   vpid=$!
   for _ in $(seq 1 120); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.5; done
-  "$bin/bench" loadgen --addr "127.0.0.1:$port" --conns 8 --threads 1 --warmup 2 --secs 1 "${load[@]}" > /dev/null
+  BENCH_CLIENT_SECRETS="$secrets" "$bin/bench" loadgen --addr "127.0.0.1:$port" --conns 8 --threads 1 --warmup 2 --secs 1 "${load[@]}" > /dev/null
   callgrind_control -z "$vpid" > /dev/null 2>&1
-  "$bin/bench" loadgen --addr "127.0.0.1:$port" --conns 8 --threads 1 --warmup 0 --secs "$secs" "${load[@]}" > "$work/$case.load"
+  BENCH_CLIENT_SECRETS="$secrets" "$bin/bench" loadgen --addr "127.0.0.1:$port" --conns 8 --threads 1 --warmup 0 --secs "$secs" "${load[@]}" > "$work/$case.load"
   callgrind_control -d "$vpid" > /dev/null 2>&1
   kill "$vpid"; wait "$vpid" 2>/dev/null || true
   total=$(grep -hE '^(summary|totals):' "$work/$case.out".1 | head -1 | awk '{print $2}')

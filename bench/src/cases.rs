@@ -559,12 +559,16 @@ fn drive(
         .arg(timing.warmup.as_secs_f64().to_string())
         .arg("--secs")
         .arg(timing.duration.as_secs_f64().to_string());
+    let mut secrets = String::new();
     for s in servers.iter() {
         lg.arg("--addr").arg(s.addr.to_string());
         if let Some((id, secret)) = &s.credentials {
-            lg.arg("--client-id").arg(id).arg("--secret").arg(secret);
+            lg.arg("--client-id").arg(id);
+            secrets.push_str(secret);
+            secrets.push('\n');
         }
     }
+    lg.env(crate::loadgen::SECRETS_ENV, secrets);
     if !refresh {
         lg.arg("--path").arg("/");
     }

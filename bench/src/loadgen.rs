@@ -24,6 +24,10 @@ const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
+/// The environment variable that hands `bench loadgen` its client secrets, one per line in the
+/// order of its `--client-id`s: a command line is readable by every user of the machine.
+pub const SECRETS_ENV: &str = "BENCH_CLIENT_SECRETS";
+
 /// What every connection sends.
 #[derive(Clone, Debug)]
 pub enum Mode {

@@ -37,6 +37,7 @@ use anyhow::{Context, bail};
 
 use cases::{Bins, Case, Placement, RunOptions, Timing};
 use harness::secs;
+use loadgen::SECRETS_ENV;
 
 const USAGE: &str = "\
 usage:
@@ -46,9 +47,11 @@ usage:
   bench side CASE_A CASE_B [--warmup SECS] [--secs SECS] [--conns N] [--no-build]
                 (both servers at once on CPU 0, one generator on CPU 1; JSON of each, then B ÷ A)
   bench loadgen --addr ADDR [--conns N] [--threads N] [--warmup SECS] [--secs SECS]
-                (--path PATH | --client-id ID --secret SECRET)
-                (--addr, --client-id and --secret repeated: several targets, connections
-                shared out in turn, one RESULT line each)
+                (--path PATH | --client-id ID, its secret in BENCH_CLIENT_SECRETS)
+                (--addr and --client-id repeated: several targets, connections shared out
+                in turn, one RESULT line each; BENCH_CLIENT_SECRETS then holds one secret
+                per line, in the same order. Secrets stay off the command line, which
+                every user of the machine can read)
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
   bench mem-tokens --kind memory|hashmap|moka [--pairs N]
                 (memory: also the median times of a family revocation and of the purge pass
@@ -269,10 +272,20 @@ fn loadgen_cmd(args: &Args) -> anyhow::Result<()> {
     if addrs.is_empty() {
         bail!("--addr is needed (once per target)");
     }
-    let (ids, secrets) = (args.all("--client-id"), args.all("--secret"));
-    let refresh = !ids.is_empty() || !secrets.is_empty();
+    if args.get("--secret").is_some() {
+        bail!(
+            "--secret is not taken: a command line is readable by every user of the machine; \
+             put the secret in {SECRETS_ENV}"
+        );
+    }
+    let ids = args.all("--client-id");
+    let secrets = std::env::var(SECRETS_ENV).unwrap_or_default();
+    let secrets: Vec<&str> = secrets.lines().collect();
+    let refresh = !ids.is_empty();
     if refresh && (ids.len() != addrs.len() || secrets.len() != addrs.len()) {
-        bail!("refresh mode needs one --client-id and one --secret per --addr, in the same order");
+        bail!(
+            "refresh mode needs one --client-id per --addr and as many lines in {SECRETS_ENV}, in the same order"
+        );
     }
     let targets = addrs
         .iter()

@@ -61,3 +61,47 @@ fn one_short_side_by_side_run_measures_both_servers() {
     let ratio = lines[2]["rps_b_over_a"].as_f64().unwrap_or(0.0);
     assert!(ratio > 0.0 && ratio.is_finite(), "{}", lines[2]);
 }
+
+/// The load generator takes client secrets from its environment, one per `--client-id`, never
+/// from its command line (which every user of the machine can read).
+#[test]
+fn the_load_generator_reads_client_secrets_from_its_environment_only() {
+    // A port nothing listens on: with its secret the generator gets as far as connecting.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let loadgen = |secrets: Option<&str>, extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
+        cmd.args([
+            "loadgen",
+            "--addr",
+            &closed.to_string(),
+            "--client-id",
+            "app",
+        ])
+        .args(["--warmup", "0", "--secs", "0.2", "--conns", "1"])
+        .args(extra)
+        .env_remove("BENCH_CLIENT_SECRETS");
+        if let Some(s) = secrets {
+            cmd.env("BENCH_CLIENT_SECRETS", s);
+        }
+        let out = cmd.output().expect("run bench loadgen");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.success(), said)
+    };
+
+    let (ok, said) = loadgen(None, &[]);
+    assert!(!ok && said.contains("BENCH_CLIENT_SECRETS"), "{said}");
+    // The old flag is refused by name, its value not repeated.
+    let (ok, said) = loadgen(Some("s3cr3t"), &["--secret", "s3cr3t"]);
+    assert!(!ok && said.contains("--secret"), "{said}");
+    assert!(!said.contains("s3cr3t"), "{said}");
+    // With its secret in the environment it runs: every connection attempt fails (I/O errors),
+    // none of it for want of a secret.
+    let (_, said) = loadgen(Some("s3cr3t\n"), &[]);
+    assert!(said.contains("io_errors"), "{said}");
+    assert!(!said.contains("BENCH_CLIENT_SECRETS"), "{said}");
+    assert!(!said.contains("s3cr3t"), "{said}");
+}
