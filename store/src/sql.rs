@@ -14,10 +14,14 @@
 //!   handler; `busy_timeout` still covers other processes on the same file. Rotations and
 //!   issues are committed in groups, many requests per transaction and so per `fsync`
 //!   (`group`: a request is answered only after the commit that holds it).
-//! - **PostgreSQL**: rotation consumes the token with one conditional
-//!   `UPDATE ... WHERE consumed_at IS NULL ... RETURNING` and writes the successor in the same
-//!   transaction. Under READ COMMITTED a second updater of the row waits for the first, then
-//!   re-evaluates the `WHERE` clause and finds nothing, so exactly one caller wins.
+//! - **PostgreSQL**: a rotation is two round trips. It reads the presented token's row, decides
+//!   on it, then consumes the token and writes the successor in one statement
+//!   ([`ROTATE_POSTGRES`]: a conditional `UPDATE ... WHERE consumed_at IS NULL ... RETURNING`
+//!   whose result the inserts select from), one transaction with no `BEGIN` or `COMMIT` of its
+//!   own. Under READ COMMITTED a second updater of the row waits for the first, then
+//!   re-evaluates the `WHERE` clause and finds nothing, so exactly one caller wins and the
+//!   others write nothing; a token consumed or revoked between the read and the statement is
+//!   left to that change the same way.
 //!
 //! Migrations for both dialects are embedded and applied at connect. Connection and pool
 //! failures become [`StoreError::Unavailable`]; the pool tests connections before handing them
@@ -137,6 +141,40 @@ struct ConsumedRow {
     expires_at: i64,
 }
 
+/// A refresh token's whole row, read before a rotation on PostgreSQL decides
+/// ([`READ_REFRESH_POSTGRES`]).
+#[derive(sqlx::FromRow)]
+struct RefreshRow {
+    #[sqlx(flatten)]
+    token: ConsumedRow,
+    consumed_at: Option<i64>,
+    revoked: bool,
+    replay: Option<Vec<u8>>,
+    replay_until: Option<i64>,
+}
+
+impl RefreshRow {
+    /// Whether `client_id` may consume it at `now`: the conditions of [`CONSUME_REFRESH`].
+    fn consumable(&self, client_id: &str, now: UnixTime) -> bool {
+        self.token.client_id == client_id
+            && self.consumed_at.is_none()
+            && !self.revoked
+            && self.token.expires_at > now
+    }
+
+    fn probe(self) -> ProbeRow {
+        ProbeRow {
+            client_id: self.token.client_id,
+            consumed_at: self.consumed_at,
+            revoked: self.revoked,
+            expires_at: self.token.expires_at,
+            family: self.token.family,
+            replay: self.replay,
+            replay_until: self.replay_until,
+        }
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct ProbeRow {
     client_id: String,
@@ -169,6 +207,38 @@ const CONSUME_REFRESH: &str = "UPDATE refresh_tokens SET consumed_at = $3 \
 
 const PROBE_REFRESH: &str = "SELECT client_id, consumed_at, revoked, expires_at, family, replay, replay_until \
      FROM refresh_tokens WHERE digest = $1";
+
+/// A rotation on PostgreSQL reads the presented token's row first, without a lock.
+const READ_REFRESH_POSTGRES: &str = "SELECT client_id, subject, scope, metadata, family, generation, \
+     issued_at, expires_at, consumed_at, revoked, replay, replay_until \
+     FROM refresh_tokens WHERE digest = $1";
+
+/// Then, once the decision is taken on what it read, consumes the token and writes the
+/// successor in one statement, which PostgreSQL runs as one transaction: one round trip
+/// instead of `BEGIN`, [`CONSUME_REFRESH`], [`WRITE_ISSUE_POSTGRES`] and `COMMIT`. The
+/// parameters are [`bind_issue`]'s (`$19`, the presented digest when a replay is kept, is not
+/// used: the consumption names the token itself), then the presented digest (`$24`), the
+/// client (`$25`) and the time (`$26`). `consumed` is [`CONSUME_REFRESH`]'s condition, checked
+/// again under the row's lock: if the token was consumed, revoked or expired since it was read,
+/// it matches nothing and so do the writes, which all read from it; the statement returns how
+/// many rows it consumed (0 or 1). The kept replay is set by the consuming `UPDATE` itself, as
+/// one statement may not change a row twice; the cleared generations are older than the
+/// presented one (`$23`).
+const ROTATE_POSTGRES: &str = "WITH consumed AS (UPDATE refresh_tokens \
+     SET consumed_at = $26, replay = COALESCE($20, replay), replay_until = COALESCE($21, replay_until) \
+     WHERE digest = $24 AND client_id = $25 AND consumed_at IS NULL AND revoked = FALSE \
+       AND expires_at > $26 \
+     RETURNING 1), \
+     new_access AS (INSERT INTO access_tokens \
+     (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM consumed), \
+     new_refresh AS (INSERT INTO refresh_tokens \
+     (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
+     SELECT $10, $11, $12, $13, $14, $15, $16, $17, $18 FROM consumed WHERE $10 IS NOT NULL), \
+     cleared AS (UPDATE refresh_tokens SET replay = NULL, replay_until = NULL \
+     WHERE family = $22 AND generation < $23 AND replay IS NOT NULL \
+       AND EXISTS (SELECT 1 FROM consumed)) \
+     SELECT count(*) FROM consumed";
 
 /// The writes of one issue, in one round trip to the database:
 ///
@@ -701,17 +771,53 @@ impl TokenStore for SqlStore {
             }
             Backend::Postgres(pool) => pool,
         };
-        let mut tx = pool.begin().await.map_err(map_err)?;
-        let sql = (CONSUME_REFRESH, PROBE_REFRESH, WRITE_ISSUE_POSTGRES);
-        let (outcome, wrote) = rotate_in_tx!(tx, sql, presented, client_id, now, |token| Ok(
-            decide(token)
-        ))?;
-        // Nothing written (an unusable token) or a rejected successor: dropping `tx` rolls
-        // back, the consumption included.
-        if wrote {
-            tx.commit().await.map_err(map_err)?;
+        // Two round trips: read the token, decide, then consume it and write the successor
+        // in one statement, which checks again that the token is consumable. A token that
+        // cannot be consumed (or a rejected successor) writes nothing.
+        let mut conn = pool.acquire().await.map_err(map_err)?;
+        let row: Option<RefreshRow> = sqlx::query_as(READ_REFRESH_POSTGRES)
+            .bind(presented.as_bytes().as_slice())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let row = match row {
+            Some(row) if row.consumable(client_id, now) => row,
+            other => return classify(other.map(RefreshRow::probe), client_id, now),
+        };
+        let consumed = consumed_from(row.token)?;
+        let issue = match decide(&consumed) {
+            RotateDecision::Reject => return Ok(RotateOutcome::Rejected),
+            RotateDecision::Rotate(issue) => issue,
+        };
+        let family = family_bytes(consumed.family);
+        let generation = i64::from(consumed.generation);
+        let (access_meta, meta) = issue_metadata(&issue)?;
+        let rotated: i64 = bind_issue!(
+            sqlx::query_scalar(ROTATE_POSTGRES),
+            &issue,
+            &access_meta,
+            &meta,
+            family.as_slice(),
+            generation + 1,
+            issue.replay.as_ref().map(|r| (presented, r)),
+            Some((family.as_slice(), generation))
+        )
+        .bind(presented.as_bytes().as_slice())
+        .bind(client_id)
+        .bind(now)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        if rotated == 1 {
+            return Ok(RotateOutcome::Rotated { consumed });
         }
-        Ok(outcome)
+        // Consumed, revoked or expired since the read: say why, as the read would have.
+        let probe: Option<ProbeRow> = sqlx::query_as(PROBE_REFRESH)
+            .bind(presented.as_bytes().as_slice())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        classify(probe, client_id, now)
     }
 
     async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {

@@ -371,6 +371,79 @@ mod postgres_only {
         assert_eq!(b.count_live(now).await.expect("count"), 3);
     }
 
+    /// A rotation on PostgreSQL reads the token, decides, then consumes it and writes the
+    /// successor in one statement. Whatever another replica does to the token in between
+    /// (rotates it, revokes it), that statement writes nothing and the outcome says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
+    async fn postgres_a_token_changed_while_the_rotation_decides_is_left_to_the_change() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use store::{Digest, RotateDecision, RotateOutcome};
+
+        let schema = PgSchema::new();
+        let (a, b) = (schema.store().await, schema.store().await);
+        let now = store::now();
+        let live_access = |store: SharedStore, access: String| async move {
+            store
+                .access_token(&Digest::of(&access), now)
+                .await
+                .expect("access_token")
+                .is_some()
+        };
+        for rotate_meanwhile in [true, false] {
+            let pair = testing::issue_pair(&a, testing::CLIENT, now).await;
+            let presented = Digest::of(&pair.refresh);
+            let (mine, my_pair) = testing::successor(testing::grant(testing::CLIENT), now, None);
+            let (theirs, their_pair) =
+                testing::successor(testing::grant(testing::CLIENT), now, None);
+            let changed = AtomicBool::new(false);
+            // While `a` decides, `b` rotates or revokes the same token, and commits.
+            let decide = |_: &store::RefreshToken| {
+                let b = b.clone();
+                let theirs = theirs.clone();
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(async move {
+                        if rotate_meanwhile {
+                            let outcome = b
+                                .rotate(&presented, testing::CLIENT, now, &|_| {
+                                    RotateDecision::Rotate(theirs.clone())
+                                })
+                                .await
+                                .expect("rotate");
+                            assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+                        } else {
+                            assert!(b.revoke_token(&presented).await.expect("revoke"));
+                        }
+                    })
+                });
+                changed.store(true, Ordering::SeqCst);
+                RotateDecision::Rotate(mine.clone())
+            };
+            let outcome = a
+                .rotate(&presented, testing::CLIENT, now, &decide)
+                .await
+                .expect("rotate");
+            assert!(changed.load(Ordering::SeqCst), "the decision ran");
+            assert!(!live_access(a.clone(), my_pair.access.clone()).await);
+            if rotate_meanwhile {
+                assert_eq!(
+                    outcome,
+                    RotateOutcome::AlreadyRotated {
+                        family: pair.family,
+                        replay: None
+                    }
+                );
+                assert!(live_access(a.clone(), their_pair.access.clone()).await);
+                // The old access token and the other replica's pair, nothing of ours.
+                assert_eq!(a.count_live(now).await.expect("count"), 3);
+            } else {
+                assert_eq!(outcome, RotateOutcome::Invalid);
+                assert_eq!(a.count_live(now).await.expect("count"), 1);
+            }
+            a.revoke_family(pair.family).await.expect("revoke family");
+        }
+    }
+
     /// F2: the server drops every connection of the pool; the next calls reconnect by
     /// themselves.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
