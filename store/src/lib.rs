@@ -222,7 +222,7 @@ pub enum RotateDecision {
     Reject,
 }
 
-/// The decision a rotation runs while it holds the token (see [`TokenStore::rotate`]).
+/// The decision a rotation takes on the token it found (see [`TokenStore::rotate`]).
 ///
 /// (`for<'a>` is spelt out: `async_trait` would otherwise give the elided `&RefreshToken` the
 /// lifetime of the whole call, and no store could lend `decide` a token it read.)
@@ -279,8 +279,11 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Consumes `presented` and writes the successor chosen by `decide`, as one atomic step:
     /// of N concurrent calls for one token, exactly one gets `Rotated`. The token must belong
-    /// to `client_id`. `decide` runs while the store holds the token (inside the transaction),
-    /// so it must be quick and must not touch the store.
+    /// to `client_id`. `decide` must be quick and must not touch the store: the memory and
+    /// SQLite stores run it while they hold the token (under its shard's lock, inside the
+    /// transaction). PostgreSQL runs it on the token as read, before the statement that
+    /// consumes it, so several concurrent calls may each decide while only one is written:
+    /// what `decide` builds is the caller's to use only on `Rotated`.
     async fn rotate(
         &self,
         presented: &Digest,

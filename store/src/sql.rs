@@ -3,8 +3,8 @@
 //!
 //! Both dialects run the same statements (SQLite accepts `$1` placeholders and `RETURNING`),
 //! except the writes of an issue, which go in one round trip: one string of four statements on
-//! SQLite, one statement with data-modifying CTEs on PostgreSQL ([`WRITE_ISSUE_SQLITE`]). The
-//! transaction start differs too:
+//! SQLite, one statement with data-modifying CTEs on PostgreSQL ([`WRITE_ISSUE_SQLITE`]); and a
+//! rotation, which each dialect runs its own way:
 //!
 //! - **SQLite**: WAL, `synchronous=FULL` (a committed rotation survives a power loss, so a
 //!   consumed token cannot come back), and every write transaction starts with
@@ -14,8 +14,10 @@
 //!   handler; `busy_timeout` still covers other processes on the same file. Rotations and
 //!   issues are committed in groups, many requests per transaction and so per `fsync`
 //!   (`group`: a request is answered only after the commit that holds it).
-//! - **PostgreSQL**: a rotation is two round trips. It reads the presented token's row, decides
-//!   on it, then consumes the token and writes the successor in one statement
+//! - **PostgreSQL**: a rotation is two statements, so two round trips (plus the pool's
+//!   liveness check of the connection it acquires, and a third statement when it loses a race).
+//!   It reads the presented token's row without a lock, decides on it, then consumes the token
+//!   and writes the successor in one statement
 //!   ([`ROTATE_POSTGRES`]: a conditional `UPDATE ... WHERE consumed_at IS NULL ... RETURNING`
 //!   whose result the inserts select from), one transaction with no `BEGIN` or `COMMIT` of its
 //!   own. Under READ COMMITTED a second updater of the row waits for the first, then
@@ -457,6 +459,16 @@ async fn create_schema(
     }
 }
 
+/// Whether a PostgreSQL SQLSTATE means "try again later".
+fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "40001"
+        || code == "40P01"
+        || code == "25006"
+}
+
 /// Whether a database error means "try again later" (outage, overload, failover, lost race)
 /// rather than a bug.
 fn is_transient(e: &sqlx::Error) -> bool {
@@ -469,19 +481,19 @@ fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            match code.parse::<u32>() {
-                // SQLite primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
-                Ok(n) => matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14),
+            // Asked by dialect: many SQLSTATEs are digits only ("08006", "40001") and would
+            // read as SQLite result codes.
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
                 // PostgreSQL SQLSTATE: connection exception, insufficient resources, operator
                 // intervention (shutdown), serialization failure, deadlock, read-only (failover).
-                Err(_) => {
-                    code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57P")
-                        || code == "40001"
-                        || code == "40P01"
-                        || code == "25006"
-                }
+                is_transient_sqlstate(&code)
+            } else {
+                // SQLite primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
+                code.parse::<u32>()
+                    .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
             }
         }
         _ => false,
@@ -547,8 +559,8 @@ fn consumed_from(row: ConsumedRow) -> StoreResult<RefreshToken> {
     })
 }
 
-/// Why a refresh token could not be consumed, from its row (read after the conditional
-/// UPDATE matched nothing).
+/// Why a refresh token could not be consumed, from its row (read when it was found
+/// unconsumable, or after the conditional UPDATE matched nothing).
 fn classify(probe: Option<ProbeRow>, client_id: &str, now: UnixTime) -> StoreResult<RotateOutcome> {
     let Some(p) = probe else {
         return Ok(RotateOutcome::Invalid);
@@ -1079,5 +1091,36 @@ mod tests {
             map_err(sqlx::Error::PoolClosed),
             StoreError::Unavailable(_)
         ));
+    }
+
+    /// PostgreSQL's SQLSTATEs made of digits only are read as SQLSTATEs, not as SQLite result
+    /// codes: a server that has become read-only (25006, as after a failover) is unavailable,
+    /// a statement it cannot parse (42601) is not.
+    #[tokio::test]
+    #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
+    async fn postgres_errors_are_classified_by_their_sqlstate() {
+        let url = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL");
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::query("SET default_transaction_read_only = on")
+            .execute(&mut conn)
+            .await
+            .expect("set read-only");
+        let read_only = sqlx::query("CREATE TABLE gw_read_only_probe (x int)")
+            .execute(&mut conn)
+            .await
+            .expect_err("a read-only session refuses to create a table");
+        assert_eq!(
+            read_only
+                .as_database_error()
+                .and_then(|d| d.code())
+                .as_deref(),
+            Some("25006")
+        );
+        assert!(matches!(map_err(read_only), StoreError::Unavailable(_)));
+        let syntax = sqlx::query("SELEC 1")
+            .execute(&mut conn)
+            .await
+            .expect_err("not SQL");
+        assert!(matches!(map_err(syntax), StoreError::Backend(_)));
     }
 }

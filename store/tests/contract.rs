@@ -373,15 +373,29 @@ mod postgres_only {
 
     /// A rotation on PostgreSQL reads the token, decides, then consumes it and writes the
     /// successor in one statement. Whatever another replica does to the token in between
-    /// (rotates it, revokes it), that statement writes nothing and the outcome says why.
+    /// (rotates it, revokes it, or is revoking it when the statement starts, which then waits
+    /// for the row and checks it again), that statement writes nothing, not even the end of
+    /// the predecessor's replay, and the outcome says why.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_a_token_changed_while_the_rotation_decides_is_left_to_the_change() {
         use std::sync::atomic::{AtomicBool, Ordering};
-        use store::{Digest, RotateDecision, RotateOutcome};
+        use store::{Digest, Replay, RotateDecision, RotateOutcome};
+
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        enum Meanwhile {
+            Rotated,
+            Revoked,
+            RevokingUntilTheStatementWaits,
+        }
 
         let schema = PgSchema::new();
         let (a, b) = (schema.store().await, schema.store().await);
+        let admin = schema.admin().await;
+        let revoke_row = format!(
+            "UPDATE \"{}\".refresh_tokens SET revoked = TRUE WHERE digest = $1",
+            schema.name
+        );
         let now = store::now();
         let live_access = |store: SharedStore, access: String| async move {
             store
@@ -390,29 +404,69 @@ mod postgres_only {
                 .expect("access_token")
                 .is_some()
         };
-        for rotate_meanwhile in [true, false] {
-            let pair = testing::issue_pair(&a, testing::CLIENT, now).await;
+        let rotate_to = |issue: store::Issue| {
+            move |_: &store::RefreshToken| RotateDecision::Rotate(issue.clone())
+        };
+        for meanwhile in [
+            Meanwhile::Rotated,
+            Meanwhile::Revoked,
+            Meanwhile::RevokingUntilTheStatementWaits,
+        ] {
+            // Generation 0 keeps a replay of the response that made generation 1, the token
+            // presented below: a rotation of generation 1 ends that replay.
+            let first = testing::issue_pair(&a, testing::CLIENT, now).await;
+            let replay = Replay {
+                sealed: b"the response that issued generation 1".to_vec(),
+                until: now + 60,
+            };
+            let (gen1, pair) =
+                testing::successor(testing::grant(testing::CLIENT), now, Some(replay.clone()));
+            let outcome = a
+                .rotate(
+                    &Digest::of(&first.refresh),
+                    testing::CLIENT,
+                    now,
+                    &rotate_to(gen1),
+                )
+                .await
+                .expect("rotate");
+            assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
             let presented = Digest::of(&pair.refresh);
             let (mine, my_pair) = testing::successor(testing::grant(testing::CLIENT), now, None);
             let (theirs, their_pair) =
                 testing::successor(testing::grant(testing::CLIENT), now, None);
+
             let changed = AtomicBool::new(false);
-            // While `a` decides, `b` rotates or revokes the same token, and commits.
             let decide = |_: &store::RefreshToken| {
-                let b = b.clone();
-                let theirs = theirs.clone();
+                let (b, admin, theirs) = (b.clone(), admin.clone(), theirs.clone());
+                let revoke_row = revoke_row.clone();
                 tokio::task::block_in_place(|| {
                     tokio::runtime::Handle::current().block_on(async move {
-                        if rotate_meanwhile {
-                            let outcome = b
-                                .rotate(&presented, testing::CLIENT, now, &|_| {
-                                    RotateDecision::Rotate(theirs.clone())
-                                })
-                                .await
-                                .expect("rotate");
-                            assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
-                        } else {
-                            assert!(b.revoke_token(&presented).await.expect("revoke"));
+                        match meanwhile {
+                            Meanwhile::Rotated => {
+                                let outcome = b
+                                    .rotate(&presented, testing::CLIENT, now, &rotate_to(theirs))
+                                    .await
+                                    .expect("rotate");
+                                assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+                            }
+                            Meanwhile::Revoked => {
+                                assert!(b.revoke_token(&presented).await.expect("revoke"));
+                            }
+                            Meanwhile::RevokingUntilTheStatementWaits => {
+                                // The row stays locked, revoked but not committed, until after
+                                // the statement has started: it must wait, then see the commit.
+                                let mut tx = admin.begin().await.expect("begin");
+                                sqlx::query(&revoke_row)
+                                    .bind(presented.as_bytes().as_slice())
+                                    .execute(&mut *tx)
+                                    .await
+                                    .expect("revoke the row");
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                                    tx.commit().await.expect("commit");
+                                });
+                            }
                         }
                     })
                 });
@@ -424,23 +478,50 @@ mod postgres_only {
                 .await
                 .expect("rotate");
             assert!(changed.load(Ordering::SeqCst), "the decision ran");
-            assert!(!live_access(a.clone(), my_pair.access.clone()).await);
-            if rotate_meanwhile {
+            assert!(
+                !live_access(a.clone(), my_pair.access.clone()).await,
+                "{meanwhile:?}"
+            );
+            let first_again = a
+                .rotate(&Digest::of(&first.refresh), testing::CLIENT, now, &|_| {
+                    RotateDecision::Reject
+                })
+                .await
+                .expect("present generation 0");
+            if meanwhile == Meanwhile::Rotated {
                 assert_eq!(
                     outcome,
                     RotateOutcome::AlreadyRotated {
-                        family: pair.family,
+                        family: first.family,
                         replay: None
                     }
                 );
                 assert!(live_access(a.clone(), their_pair.access.clone()).await);
-                // The old access token and the other replica's pair, nothing of ours.
-                assert_eq!(a.count_live(now).await.expect("count"), 3);
+                // The first access token, generation 1's and the other replica's pair.
+                assert_eq!(a.count_live(now).await.expect("count"), 4);
+                // The other replica's rotation of generation 1 ended generation 0's replay.
+                assert_eq!(
+                    first_again,
+                    RotateOutcome::AlreadyRotated {
+                        family: first.family,
+                        replay: None
+                    }
+                );
             } else {
-                assert_eq!(outcome, RotateOutcome::Invalid);
-                assert_eq!(a.count_live(now).await.expect("count"), 1);
+                assert_eq!(outcome, RotateOutcome::Invalid, "{meanwhile:?}");
+                // The two access tokens; generation 1, revoked, is not live.
+                assert_eq!(a.count_live(now).await.expect("count"), 2, "{meanwhile:?}");
+                // Nothing rotated generation 1: generation 0 still has its replay.
+                assert_eq!(
+                    first_again,
+                    RotateOutcome::AlreadyRotated {
+                        family: first.family,
+                        replay: Some(replay)
+                    },
+                    "{meanwhile:?}"
+                );
             }
-            a.revoke_family(pair.family).await.expect("revoke family");
+            a.revoke_family(first.family).await.expect("revoke family");
         }
     }
 
