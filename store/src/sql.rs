@@ -210,7 +210,8 @@ const CONSUME_REFRESH: &str = "UPDATE refresh_tokens SET consumed_at = $3 \
 const PROBE_REFRESH: &str = "SELECT client_id, consumed_at, revoked, expires_at, family, replay, replay_until \
      FROM refresh_tokens WHERE digest = $1";
 
-/// A rotation on PostgreSQL reads the presented token's row first, without a lock.
+/// A rotation on PostgreSQL reads the presented token's row first, without a lock, and again
+/// if its statement then finds the token changed.
 const READ_REFRESH_POSTGRES: &str = "SELECT client_id, subject, scope, metadata, family, generation, \
      issued_at, expires_at, consumed_at, revoked, replay, replay_until \
      FROM refresh_tokens WHERE digest = $1";
@@ -457,6 +458,18 @@ async fn create_schema(
         )),
         Ok(r) => r.map_err(map_err),
     }
+}
+
+/// [`READ_REFRESH_POSTGRES`]: the presented token's row, if there is one.
+async fn read_refresh_postgres(
+    conn: &mut sqlx::PgConnection,
+    presented: &Digest,
+) -> StoreResult<Option<RefreshRow>> {
+    sqlx::query_as(READ_REFRESH_POSTGRES)
+        .bind(presented.as_bytes().as_slice())
+        .fetch_optional(conn)
+        .await
+        .map_err(map_err)
 }
 
 /// Whether a PostgreSQL SQLSTATE means "try again later".
@@ -787,12 +800,7 @@ impl TokenStore for SqlStore {
         // in one statement, which checks again that the token is consumable. A token that
         // cannot be consumed (or a rejected successor) writes nothing.
         let mut conn = pool.acquire().await.map_err(map_err)?;
-        let row: Option<RefreshRow> = sqlx::query_as(READ_REFRESH_POSTGRES)
-            .bind(presented.as_bytes().as_slice())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        let row = match row {
+        let row = match read_refresh_postgres(&mut conn, presented).await? {
             Some(row) if row.consumable(client_id, now) => row,
             other => return classify(other.map(RefreshRow::probe), client_id, now),
         };
@@ -823,13 +831,9 @@ impl TokenStore for SqlStore {
         if rotated == 1 {
             return Ok(RotateOutcome::Rotated { consumed });
         }
-        // Consumed, revoked or expired since the read: say why, as the read would have.
-        let probe: Option<ProbeRow> = sqlx::query_as(PROBE_REFRESH)
-            .bind(presented.as_bytes().as_slice())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        classify(probe, client_id, now)
+        // Consumed, revoked or expired since the read: read again and say why.
+        let row = read_refresh_postgres(&mut conn, presented).await?;
+        classify(row.map(RefreshRow::probe), client_id, now)
     }
 
     async fn revoke_token(&self, digest: &Digest) -> StoreResult<bool> {
