@@ -71,16 +71,23 @@ impl Walk {
     /// that must wait: [`Walk::run`] goes on from it.
     pub fn run_now(&mut self, policy: &Policy, ex: &mut Exchange) -> Option<Finished> {
         while let Some(i) = self.at {
+            let node = &policy.nodes[i];
             // The answer stays in its `Option` until `after` matches it: binding it out of the
             // `Option` here copies a whole `Flow` (a response's size, about 180 bytes) for
             // every node, when most nodes just pass.
-            let answer = policy.nodes[i].filter.on_request_now(ex);
-            if answer.is_none() {
-                self.waiting = true;
-                return None;
-            }
-            if let Some(finished) = self.after(policy, i, ex, answer) {
-                return Some(finished);
+            let answer = node.filter.on_request_now(ex);
+            match answer {
+                None => {
+                    self.waiting = true;
+                    return None;
+                }
+                // Most nodes pass: they go on here, without a call to `after` per node.
+                Some(Ok(Flow::Pass)) => self.passed(i, node),
+                _ => {
+                    if let Some(finished) = self.after(policy, i, ex, answer) {
+                        return Some(finished);
+                    }
+                }
             }
         }
         Some(self.respond_pending(ex))
@@ -130,30 +137,19 @@ impl Walk {
         answer: Option<Result<Flow, FilterError>>,
     ) -> Option<Finished> {
         let node = &policy.nodes[i];
-        if self.keep_trail {
-            self.trail.push(i as u16);
-        }
-        let elapsed = match &mut self.mark {
-            Some(mark) => {
-                let now = Mark::now();
-                let elapsed = mark.until(now);
-                *mark = now;
-                elapsed
-            }
-            None => Duration::ZERO,
-        };
         match answer {
             Some(Ok(Flow::Pass)) => {
-                self.contexts.node(node, Outcome::Success, elapsed);
-                self.at = node.on_success;
+                self.passed(i, node);
                 None
             }
             Some(Ok(Flow::Respond(response))) => {
+                let elapsed = self.node_ended(i);
                 let outcome = outcome_of(&response);
                 self.contexts.node(node, outcome, elapsed);
                 Some(self.finish(response, outcome))
             }
             Some(Ok(Flow::Fail(failure))) => {
+                let elapsed = self.node_ended(i);
                 self.contexts.node(node, Outcome::Failure, elapsed);
                 if let Some(next) = node.on_failure {
                     ex.set(FAILURE_REASON, failure.reason);
@@ -162,11 +158,40 @@ impl Walk {
                 }
                 Some(self.finish(failure.response, Outcome::Failure))
             }
-            Some(Err(e)) => Some(self.broke(policy, node, e, elapsed)),
+            Some(Err(e)) => {
+                let elapsed = self.node_ended(i);
+                Some(self.broke(policy, node, e, elapsed))
+            }
             None => {
+                let elapsed = self.node_ended(i);
                 let e = FilterError::Internal("the node gave no answer".into());
                 Some(self.broke(policy, node, e, elapsed))
             }
+        }
+    }
+
+    /// Node `i` passed: it is recorded and the walk moves to its `on_success` edge.
+    #[inline(always)]
+    fn passed(&mut self, i: usize, node: &Node) {
+        let elapsed = self.node_ended(i);
+        self.contexts.node(node, Outcome::Success, elapsed);
+        self.at = node.on_success;
+    }
+
+    /// Node `i` ended: it joins the trail, and its time is taken when some node records it.
+    #[inline(always)]
+    fn node_ended(&mut self, i: usize) -> Duration {
+        if self.keep_trail {
+            self.trail.push(i as u16);
+        }
+        match &mut self.mark {
+            Some(mark) => {
+                let now = Mark::now();
+                let elapsed = mark.until(now);
+                *mark = now;
+                elapsed
+            }
+            None => Duration::ZERO,
         }
     }
 
@@ -223,6 +248,7 @@ impl Contexts {
         }
     }
 
+    #[inline]
     fn node(&mut self, node: &Node, outcome: Outcome, elapsed: Duration) {
         if let Some(m) = &node.metrics {
             m.record(outcome, elapsed);

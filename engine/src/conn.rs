@@ -38,18 +38,29 @@ use tokio::time::{Instant, Sleep};
 /// served (from its head to its chain's answer), even otherwise (writing the answer, waiting
 /// for the next head). Incremented at both edges, so each wait has a number of its own and
 /// the guard's ticks see when one started.
+///
+/// Everything that touches it runs in its connection's task (hyper calls the service and
+/// drops its future there, and polls the guard's I/O there), so there is one writer at a
+/// time and a step is a load and a store: no locked instruction per request edge.
 #[derive(Default)]
 pub struct Phase(AtomicU32);
 
 impl Phase {
     /// A request head arrived and its service started.
     pub fn request_started(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.step();
     }
 
     /// The service answered: the connection waits for its next head.
     pub fn request_done(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.step();
+    }
+
+    fn step(&self) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
     }
 
     fn current(&self) -> u32 {

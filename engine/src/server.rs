@@ -50,7 +50,7 @@ pub enum Listener {
 
 /// Accepts connections until `shutdown` flips, then drains: connections stop keep-alive,
 /// in-flight requests finish, and after `drain` whatever is left is dropped.
-pub async fn serve<S, F>(
+pub async fn serve<S>(
     listener: TcpListener,
     kind: Listener,
     limits: Limits,
@@ -58,8 +58,7 @@ pub async fn serve<S, F>(
     state: Arc<State>,
     handler: S,
 ) where
-    S: Fn(&Arc<State>, Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = http::Response<Body>> + Send + Unpin + 'static,
+    S: Fn(&Arc<State>, Request<Incoming>, SocketAddr) -> Answer + Clone + Send + Sync + 'static,
 {
     // The durations' clock calibrates once, before the first request rather than in it.
     monitoring::clock::calibrate();
@@ -107,14 +106,24 @@ pub async fn serve<S, F>(
         let served = phase.clone();
         let svc = service_fn(move |req| {
             served.request_started();
-            let done = conn::Served(served.clone());
             // Not an async block: that would move the handler's future once more per request.
             // The state by reference: a handler that answers at once touches no shared
-            // reference count (an `Arc` clone per request is a cache line both workers write).
-            h(&state2, req, peer).map(move |response| {
-                drop(done);
-                Ok::<_, Infallible>(response)
-            })
+            // reference count (an `Arc` clone per request is a cache line both workers write,
+            // and two locked instructions).
+            match h(&state2, req, peer) {
+                // Answered already: the connection waits for its next head from here.
+                Either::Left(answer) => {
+                    served.request_done();
+                    Either::Left(std::future::ready(Ok::<_, Infallible>(answer.into_inner())))
+                }
+                Either::Right(later) => {
+                    let done = conn::Served(served.clone());
+                    Either::Right(later.map(move |response| {
+                        drop(done);
+                        Ok::<_, Infallible>(response)
+                    }))
+                }
+            }
         });
         let io = conn::HeadGuard::new(TokioIo::new(stream), phase, head_timeout);
         let conn = http.serve_connection(io, svc);
@@ -475,12 +484,8 @@ fn closing(mut r: Response) -> Response {
 }
 
 /// The admin listener's handler.
-pub fn admin(
-    state: &Arc<State>,
-    req: Request<Incoming>,
-    _peer: SocketAddr,
-) -> BoxFuture<'static, http::Response<Body>> {
-    Box::pin(admin_answer(state.clone(), req))
+pub fn admin(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
+    Either::Right(Box::pin(admin_answer(state.clone(), req)))
 }
 
 async fn admin_answer(state: Arc<State>, req: Request<Incoming>) -> http::Response<Body> {

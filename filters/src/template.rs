@@ -8,13 +8,45 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::Exchange;
-use crate::attributes::Text;
+use crate::attributes::{Text, intern};
+
+/// Literals up to this many bytes are interned ([`intern`]), so that a constant value set as
+/// an attribute on every request is handed over without touching a reference count (two
+/// locked instructions per use). Interned text lives as long as the process: a reload that
+/// changes such a literal keeps the old one, at most this size for each distinct literal ever
+/// configured. Longer literals are shared and counted.
+const INTERNED_LITERAL_MAX: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
-    Literal(Arc<str>),
+    Literal(Literal),
     Attribute { name: String, json: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Literal {
+    Interned(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Literal {
+    fn new(s: String) -> Self {
+        if s.len() <= INTERNED_LITERAL_MAX {
+            Literal::Interned(intern(&s))
+        } else {
+            Literal::Shared(s.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Literal::Interned(s) => s,
+            Literal::Shared(s) => s,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +81,7 @@ impl Template {
                     return Err("empty `${}` in template".into());
                 }
                 if !literal.is_empty() {
-                    parts.push(Part::Literal(std::mem::take(&mut literal).into()));
+                    parts.push(Part::Literal(Literal::new(std::mem::take(&mut literal))));
                 }
                 parts.push(Part::Attribute {
                     name: name.to_owned(),
@@ -63,7 +95,7 @@ impl Template {
         }
         literal.push_str(rest);
         if !literal.is_empty() {
-            parts.push(Part::Literal(literal.into()));
+            parts.push(Part::Literal(Literal::new(literal)));
         }
         Ok(Template { parts })
     }
@@ -73,11 +105,23 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
     }
 
+    /// A constant template's bytes (`None` when it refers to an attribute). A short one is
+    /// static: a response body cloned from it per request counts no reference.
+    pub fn constant_bytes(&self) -> Option<Bytes> {
+        match self.parts.as_slice() {
+            [] => Some(Bytes::new()),
+            [Part::Literal(Literal::Interned(s))] => Some(Bytes::from_static(s.as_bytes())),
+            [Part::Literal(Literal::Shared(s))] => Some(Bytes::copy_from_slice(s.as_bytes())),
+            _ => None,
+        }
+    }
+
     /// The rendered text; a constant template shares its text instead of copying it.
     pub fn render_text(&self, ex: &Exchange) -> Text {
         match self.parts.as_slice() {
             [] => Text::Static(""),
-            [Part::Literal(s)] => Text::Shared(s.clone()),
+            [Part::Literal(Literal::Interned(s))] => Text::Static(s),
+            [Part::Literal(Literal::Shared(s))] => Text::Shared(s.clone()),
             _ => Text::Owned(self.render(ex)),
         }
     }
@@ -85,12 +129,12 @@ impl Template {
     pub fn render(&self, ex: &Exchange) -> String {
         match self.parts.as_slice() {
             [] => String::new(),
-            [Part::Literal(s)] => s.to_string(),
+            [Part::Literal(s)] => s.as_str().to_owned(),
             parts => {
                 let mut out = String::new();
                 for p in parts {
                     match p {
-                        Part::Literal(s) => out.push_str(s),
+                        Part::Literal(s) => out.push_str(s.as_str()),
                         Part::Attribute { name, json } => {
                             if let Some(v) = ex.get(name) {
                                 if *json {
@@ -117,7 +161,6 @@ fn push_json_escaped(out: &mut String, v: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn ex() -> Exchange {
         let (parts, ()) = http::Request::builder()
@@ -147,6 +190,35 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).expect("still valid JSON");
         assert_eq!(v["v"], "a\"b\\c\n</x>");
         assert!(Template::parse("${a|yaml}").is_err());
+    }
+
+    #[test]
+    fn constant_templates_hand_out_their_text_without_counting_it() {
+        let e = ex();
+        // Short literals are interned: two templates of the same text give the same static
+        // text and the same static bytes, with `$${` written as `${`.
+        let (a, b) = (
+            Template::parse("v-$${1}").unwrap(),
+            Template::parse("v-$${1}").unwrap(),
+        );
+        let (ta, tb) = (a.render_text(&e), b.render_text(&e));
+        assert!(matches!(ta, Text::Static("v-${1}")));
+        assert!(std::ptr::eq(ta.as_ptr(), tb.as_ptr()));
+        let (ba, bb) = (a.constant_bytes().unwrap(), b.constant_bytes().unwrap());
+        assert_eq!(&ba[..], b"v-${1}");
+        assert_eq!(ba.as_ptr(), bb.as_ptr(), "static bytes, not copies");
+        // A long literal is shared and counted, rendered the same.
+        let long = "x".repeat(INTERNED_LITERAL_MAX + 1);
+        let t = Template::parse(&long).unwrap();
+        assert!(matches!(t.render_text(&e), Text::Shared(ref s) if **s == *long));
+        assert_eq!(&t.constant_bytes().unwrap()[..], long.as_bytes());
+        assert_eq!(Template::parse("").unwrap().constant_bytes().unwrap(), "");
+        assert!(
+            Template::parse("a ${user}")
+                .unwrap()
+                .constant_bytes()
+                .is_none()
+        );
     }
 
     #[test]

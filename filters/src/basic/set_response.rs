@@ -62,19 +62,13 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
         })
         .collect::<Result<Vec<_>, BuildError>>()?;
     let body = Template::parse(&c.body).map_err(|m| BuildError::at("body", m))?;
-    let constant_body = body
-        .is_constant()
-        .then(|| Bytes::from(body_literal(&c.body)));
+    let constant_body = body.constant_bytes();
     Ok(Arc::new(SetResponse {
         status,
         headers,
         body,
         constant_body,
     }))
-}
-
-fn body_literal(s: &str) -> String {
-    s.replace("$${", "${")
 }
 
 /// `headers:` is written as a map in YAML; keep its order by turning it into pairs.
