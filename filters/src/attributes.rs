@@ -199,9 +199,10 @@ pub fn intern(s: &str) -> &'static str {
     new
 }
 
-/// An attribute's name or value: a constant of the code, a configured name ([`intern`]), text
-/// shared with the node that set it (a constant template), or text made for this request.
-/// Only the last costs an allocation per request.
+/// An attribute's name or value: a constant of the code, a configured name or short constant
+/// ([`intern`]), a longer constant shared with the node that set it, or text made for this
+/// request. Only the last costs an allocation per request, and only the last two a reference
+/// count or a free.
 #[derive(Clone)]
 pub enum Text {
     Static(&'static str),
