@@ -13,11 +13,13 @@ use bytes::Bytes;
 use crate::Exchange;
 use crate::attributes::{Text, intern};
 
-/// Literals up to this many bytes are interned ([`intern`]), so that a constant value set as
-/// an attribute on every request is handed over without touching a reference count (two
-/// locked instructions per use). Interned text lives as long as the process: a reload that
-/// changes such a literal keeps the old one, at most this size for each distinct literal ever
-/// configured. Longer literals are shared and counted.
+/// A constant up to this many bytes is interned by [`Template::intern_constant`], so that a
+/// constant value set as an attribute, or a constant body, is handed over on every request
+/// without touching a reference count (two locked instructions per use). Interned text lives
+/// as long as the process: a reload that changes such a constant keeps the old one, at most
+/// this size for each distinct constant ever configured. Other literals (header values, which
+/// may hold a credential, and parts of templates that refer to attributes) are shared and
+/// counted, and go with the policy that holds them.
 const INTERNED_LITERAL_MAX: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,14 +35,6 @@ enum Literal {
 }
 
 impl Literal {
-    fn new(s: String) -> Self {
-        if s.len() <= INTERNED_LITERAL_MAX {
-            Literal::Interned(intern(&s))
-        } else {
-            Literal::Shared(s.into())
-        }
-    }
-
     fn as_str(&self) -> &str {
         match self {
             Literal::Interned(s) => s,
@@ -81,7 +75,9 @@ impl Template {
                     return Err("empty `${}` in template".into());
                 }
                 if !literal.is_empty() {
-                    parts.push(Part::Literal(Literal::new(std::mem::take(&mut literal))));
+                    parts.push(Part::Literal(Literal::Shared(
+                        std::mem::take(&mut literal).into(),
+                    )));
                 }
                 parts.push(Part::Attribute {
                     name: name.to_owned(),
@@ -95,7 +91,7 @@ impl Template {
         }
         literal.push_str(rest);
         if !literal.is_empty() {
-            parts.push(Part::Literal(Literal::new(literal)));
+            parts.push(Part::Literal(Literal::Shared(literal.into())));
         }
         Ok(Template { parts })
     }
@@ -103,6 +99,17 @@ impl Template {
     /// True when the template has no attribute reference (the render is a constant).
     pub fn is_constant(&self) -> bool {
         self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
+    }
+
+    /// The same template, its text interned if it is a constant of at most
+    /// [`INTERNED_LITERAL_MAX`] bytes: for the values a filter hands out on every request.
+    pub fn intern_constant(mut self) -> Self {
+        if let [Part::Literal(lit @ Literal::Shared(_))] = self.parts.as_mut_slice()
+            && lit.as_str().len() <= INTERNED_LITERAL_MAX
+        {
+            *lit = Literal::Interned(intern(lit.as_str()));
+        }
+        self
     }
 
     /// A constant template's bytes (`None` when it refers to an attribute). A short one is
@@ -198,8 +205,8 @@ mod tests {
         // Short literals are interned: two templates of the same text give the same static
         // text and the same static bytes, with `$${` written as `${`.
         let (a, b) = (
-            Template::parse("v-$${1}").unwrap(),
-            Template::parse("v-$${1}").unwrap(),
+            Template::parse("v-$${1}").unwrap().intern_constant(),
+            Template::parse("v-$${1}").unwrap().intern_constant(),
         );
         let (ta, tb) = (a.render_text(&e), b.render_text(&e));
         assert!(matches!(ta, Text::Static("v-${1}")));
@@ -207,9 +214,11 @@ mod tests {
         let (ba, bb) = (a.constant_bytes().unwrap(), b.constant_bytes().unwrap());
         assert_eq!(&ba[..], b"v-${1}");
         assert_eq!(ba.as_ptr(), bb.as_ptr(), "static bytes, not copies");
-        // A long literal is shared and counted, rendered the same.
+        // Not interned unless asked, nor past the bound: shared and counted, rendered the same.
+        let plain = Template::parse("v-$${1}").unwrap();
+        assert!(matches!(plain.render_text(&e), Text::Shared(ref s) if **s == *"v-${1}"));
         let long = "x".repeat(INTERNED_LITERAL_MAX + 1);
-        let t = Template::parse(&long).unwrap();
+        let t = Template::parse(&long).unwrap().intern_constant();
         assert!(matches!(t.render_text(&e), Text::Shared(ref s) if **s == *long));
         assert_eq!(&t.constant_bytes().unwrap()[..], long.as_bytes());
         assert_eq!(Template::parse("").unwrap().constant_bytes().unwrap(), "");

@@ -36,7 +36,9 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
             "`http.*` attributes are read from the request and cannot be set",
         ));
     }
-    let value = Template::parse(&c.value).map_err(|m| BuildError::at("value", m))?;
+    let value = Template::parse(&c.value)
+        .map_err(|m| BuildError::at("value", m))?
+        .intern_constant();
     Ok(Arc::new(SetAttribute {
         attribute: intern(&c.attribute),
         value,

@@ -61,7 +61,9 @@ pub fn build(value: serde_yaml::Value, _cx: &BuildContext) -> Result<SharedFilte
             Ok((name, t))
         })
         .collect::<Result<Vec<_>, BuildError>>()?;
-    let body = Template::parse(&c.body).map_err(|m| BuildError::at("body", m))?;
+    let body = Template::parse(&c.body)
+        .map_err(|m| BuildError::at("body", m))?
+        .intern_constant();
     let constant_body = body.constant_bytes();
     Ok(Arc::new(SetResponse {
         status,
