@@ -82,7 +82,10 @@ impl Walk {
                     return None;
                 }
                 // Most nodes pass: they go on here, without a call to `after` per node.
-                Some(Ok(Flow::Pass)) => self.passed(i, node),
+                Some(Ok(Flow::Pass)) => {
+                    let elapsed = self.node_ended(i);
+                    self.passed(node, elapsed);
+                }
                 _ => {
                     if let Some(finished) = self.after(policy, i, ex, answer) {
                         return Some(finished);
@@ -137,19 +140,18 @@ impl Walk {
         answer: Option<Result<Flow, FilterError>>,
     ) -> Option<Finished> {
         let node = &policy.nodes[i];
+        let elapsed = self.node_ended(i);
         match answer {
             Some(Ok(Flow::Pass)) => {
-                self.passed(i, node);
+                self.passed(node, elapsed);
                 None
             }
             Some(Ok(Flow::Respond(response))) => {
-                let elapsed = self.node_ended(i);
                 let outcome = outcome_of(&response);
                 self.contexts.node(node, outcome, elapsed);
                 Some(self.finish(response, outcome))
             }
             Some(Ok(Flow::Fail(failure))) => {
-                let elapsed = self.node_ended(i);
                 self.contexts.node(node, Outcome::Failure, elapsed);
                 if let Some(next) = node.on_failure {
                     ex.set(FAILURE_REASON, failure.reason);
@@ -158,22 +160,18 @@ impl Walk {
                 }
                 Some(self.finish(failure.response, Outcome::Failure))
             }
-            Some(Err(e)) => {
-                let elapsed = self.node_ended(i);
-                Some(self.broke(policy, node, e, elapsed))
-            }
+            Some(Err(e)) => Some(self.broke(policy, node, e, elapsed)),
             None => {
-                let elapsed = self.node_ended(i);
                 let e = FilterError::Internal("the node gave no answer".into());
                 Some(self.broke(policy, node, e, elapsed))
             }
         }
     }
 
-    /// Node `i` passed: it is recorded and the walk moves to its `on_success` edge.
+    /// A node passed after `elapsed`: it is recorded and the walk moves to its `on_success`
+    /// edge.
     #[inline(always)]
-    fn passed(&mut self, i: usize, node: &Node) {
-        let elapsed = self.node_ended(i);
+    fn passed(&mut self, node: &Node, elapsed: Duration) {
         self.contexts.node(node, Outcome::Success, elapsed);
         self.at = node.on_success;
     }
