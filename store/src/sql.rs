@@ -293,6 +293,17 @@ const REVOKE_FAMILY_ACCESS: &str = "UPDATE access_tokens SET revoked = TRUE \
 const REVOKE_FAMILY_REFRESH: &str = "UPDATE refresh_tokens SET revoked = TRUE \
      WHERE family = $1 AND revoked = FALSE RETURNING expires_at, consumed_at";
 
+/// [`REVOKE_FAMILY_REFRESH`] on PostgreSQL, where other replicas rotate the family meanwhile:
+/// the rows are locked newest generation first, the order in which a rotation takes them
+/// ([`ROTATE_POSTGRES`] consumes generation g, then ends g − 1's replay). In scan order, oldest
+/// first, a revocation could hold g − 1 while it waited for g, and the rotation holding g then
+/// waited for g − 1: a deadlock, which PostgreSQL breaks by aborting one of them (40P01, a 503
+/// to its client). SQLite has one writer at a time and no `FOR UPDATE`.
+const REVOKE_FAMILY_REFRESH_POSTGRES: &str = "UPDATE refresh_tokens SET revoked = TRUE \
+     WHERE digest IN (SELECT digest FROM refresh_tokens WHERE family = $1 AND revoked = FALSE \
+       ORDER BY generation DESC FOR UPDATE) \
+     RETURNING expires_at, consumed_at";
+
 const PURGE_ACCESS: &str = "DELETE FROM access_tokens WHERE digest IN \
      (SELECT digest FROM access_tokens WHERE expires_at <= $1 LIMIT $2)";
 
@@ -868,6 +879,10 @@ impl TokenStore for SqlStore {
         // any later rotation finds its token revoked. (On SQLite the first pass is final.)
         let now = crate::now();
         let family = family_bytes(family);
+        let revoke_refresh = match self.backend {
+            Backend::Sqlite { .. } => REVOKE_FAMILY_REFRESH,
+            Backend::Postgres(_) => REVOKE_FAMILY_REFRESH_POSTGRES,
+        };
         in_write_tx!(self, map_err, tx => {
             let mut live = 0u64;
             for _ in 0..32 {
@@ -877,7 +892,7 @@ impl TokenStore for SqlStore {
                     .await
                     .map_err(map_err)?;
                 rows.extend(
-                    sqlx::query_as::<_, RevokedRow>(REVOKE_FAMILY_REFRESH)
+                    sqlx::query_as::<_, RevokedRow>(revoke_refresh)
                         .bind(family.as_slice())
                         .fetch_all(&mut *tx)
                         .await

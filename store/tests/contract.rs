@@ -525,6 +525,99 @@ mod postgres_only {
         }
     }
 
+    /// A rotation takes the presented generation's row, then its predecessor's (the end of
+    /// the predecessor's replay, in the same statement). A family revocation (reuse detected)
+    /// must take the family's refresh rows in that order too, newest first: taken in scan
+    /// order, oldest first, it held the predecessor while it waited for the presented row,
+    /// and PostgreSQL aborted one of the two as a deadlock (40P01, answered 503). The rotation
+    /// is played here by hand, one lock at a time, so that the revocation starts between them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
+    async fn postgres_a_family_revocation_takes_rows_in_the_rotations_order() {
+        use store::{Digest, Replay, RotateDecision, RotateOutcome};
+
+        let schema = PgSchema::new();
+        let (a, b) = (schema.store().await, schema.store().await);
+        let admin = schema.admin().await;
+        let now = store::now();
+        // Generation 0 keeps a replay; generation 1 is live.
+        let first = testing::issue_pair(&a, testing::CLIENT, now).await;
+        let replay = Replay {
+            sealed: b"the response that issued generation 1".to_vec(),
+            until: now + 60,
+        };
+        let (gen1, pair) = testing::successor(testing::grant(testing::CLIENT), now, Some(replay));
+        let outcome = a
+            .rotate(&Digest::of(&first.refresh), testing::CLIENT, now, &|_| {
+                RotateDecision::Rotate(gen1.clone())
+            })
+            .await
+            .expect("rotate");
+        assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+
+        // The rotation of generation 1, first lock: its own row.
+        let table = format!("\"{}\".refresh_tokens", schema.name);
+        let mut rotation = admin.begin().await.expect("begin");
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *rotation)
+            .await
+            .expect("lock_timeout");
+        let consumed = sqlx::query(&format!(
+            "UPDATE {table} SET consumed_at = $2 WHERE digest = $1 AND consumed_at IS NULL"
+        ))
+        .bind(Digest::of(&pair.refresh).as_bytes().as_slice())
+        .bind(now)
+        .execute(&mut *rotation)
+        .await
+        .expect("consume generation 1")
+        .rows_affected();
+        assert_eq!(consumed, 1);
+
+        // The revocation starts and waits for generation 1's row.
+        let revocation = tokio::spawn(async move { b.revoke_family(first.family).await });
+        // A backend of this schema's table (not another test's) waiting for a lock.
+        let waiting = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE '%revoked = TRUE%' AND pid IN \
+             (SELECT pid FROM pg_locks WHERE relation = '{table}'::regclass)"
+        );
+        let mut waited = false;
+        for _ in 0..100 {
+            let n: i64 = sqlx::query_scalar(&waiting)
+                .fetch_one(&admin)
+                .await
+                .expect("pg_stat_activity");
+            if n > 0 {
+                waited = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(waited, "the revocation never waited for the rotation's row");
+
+        // Second lock: the predecessor's replay ends. The revocation must not hold that row.
+        let cleared = sqlx::query(&format!(
+            "UPDATE {table} SET replay = NULL, replay_until = NULL \
+             WHERE family = $1 AND generation < 1 AND replay IS NOT NULL"
+        ))
+        .bind(first.family.0.to_be_bytes().as_slice())
+        .execute(&mut *rotation)
+        .await
+        .expect("the rotation takes its predecessor's row (deadlock or lock timeout: the revocation holds it)")
+        .rows_affected();
+        assert_eq!(cleared, 1);
+        rotation.commit().await.expect("commit the rotation");
+
+        let revoked = revocation
+            .await
+            .expect("revocation task")
+            .expect("the revocation completes after the rotation, without a deadlock");
+        // The two access tokens were live; generation 1 was consumed by the rotation.
+        assert_eq!(revoked, Some(2));
+        assert_eq!(a.count_live(now).await.expect("count"), 0);
+        a.revoke_family(first.family).await.expect("revoke again");
+    }
+
     /// F2: the server drops every connection of the pool; the next calls reconnect by
     /// themselves.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
