@@ -877,15 +877,19 @@ impl TokenStore for SqlStore {
         // but the row it waited on was then updated, so the loop runs again and the next
         // statement sees the new pair. It ends when a statement finds nothing left to revoke;
         // any later rotation finds its token revoked. (On SQLite the first pass is final.)
+        // Each pass commits: a pass that still held the rows of the one before would hold
+        // generation g while waiting for g + 1, which a rotation of g + 1 holds while it waits
+        // for g (the end of g's replay), the deadlock that [`REVOKE_FAMILY_REFRESH_POSTGRES`]'s
+        // order prevents within one pass. A later pass skips the rows already revoked.
         let now = crate::now();
         let family = family_bytes(family);
         let revoke_refresh = match self.backend {
             Backend::Sqlite { .. } => REVOKE_FAMILY_REFRESH,
             Backend::Postgres(_) => REVOKE_FAMILY_REFRESH_POSTGRES,
         };
-        in_write_tx!(self, map_err, tx => {
-            let mut live = 0u64;
-            for _ in 0..32 {
+        let mut live = 0u64;
+        for _ in 0..32 {
+            let rows = in_write_tx!(self, map_err, tx => {
                 let mut rows: Vec<RevokedRow> = sqlx::query_as(REVOKE_FAMILY_ACCESS)
                     .bind(family.as_slice())
                     .fetch_all(&mut *tx)
@@ -898,17 +902,18 @@ impl TokenStore for SqlStore {
                         .await
                         .map_err(map_err)?,
                 );
-                if rows.is_empty() {
-                    break;
-                }
-                live += rows
-                    .iter()
-                    .filter(|r| r.consumed_at.is_none() && r.expires_at > now)
-                    .count() as u64;
+                tx.commit().await.map_err(map_err)?;
+                rows
+            });
+            if rows.is_empty() {
+                break;
             }
-            tx.commit().await.map_err(map_err)?;
-            Ok(Some(live))
-        })
+            live += rows
+                .iter()
+                .filter(|r| r.consumed_at.is_none() && r.expires_at > now)
+                .count() as u64;
+        }
+        Ok(Some(live))
     }
 
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
