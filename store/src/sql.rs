@@ -23,7 +23,9 @@
 //!   own. Under READ COMMITTED a second updater of the row waits for the first, then
 //!   re-evaluates the `WHERE` clause and finds nothing, so exactly one caller wins and the
 //!   others write nothing; a token consumed or revoked between the read and the statement is
-//!   left to that change the same way.
+//!   left to that change the same way. Lock order, so that replicas never deadlock: a
+//!   rotation waits for no row but the presented one (it skips a held predecessor), a family
+//!   revocation locks its refresh rows newest generation first, a purge skips held rows.
 //!
 //! Migrations for both dialects are embedded and applied at connect. Connection and pool
 //! failures become [`StoreError::Unavailable`]; the pool tests connections before handing them
@@ -226,7 +228,10 @@ const READ_REFRESH_POSTGRES: &str = "SELECT client_id, subject, scope, metadata,
 /// it matches nothing and so do the writes, which all read from it; the statement returns how
 /// many rows it consumed (0 or 1). The kept replay is set by the consuming `UPDATE` itself, as
 /// one statement may not change a row twice; the cleared generations are older than the
-/// presented one (`$23`).
+/// presented one (`$23`). The clearing skips a predecessor whose row another transaction holds,
+/// so that a rotation waits for no row but the presented one and closes no lock cycle: the
+/// holder is a family revocation (the replay is then moot, the family revoked) or a purge (the
+/// row expired, deleted).
 const ROTATE_POSTGRES: &str = "WITH consumed AS (UPDATE refresh_tokens \
      SET consumed_at = $26, replay = COALESCE($20, replay), replay_until = COALESCE($21, replay_until) \
      WHERE digest = $24 AND client_id = $25 AND consumed_at IS NULL AND revoked = FALSE \
@@ -239,7 +244,8 @@ const ROTATE_POSTGRES: &str = "WITH consumed AS (UPDATE refresh_tokens \
      (digest, client_id, subject, scope, metadata, issued_at, expires_at, family, generation) \
      SELECT $10, $11, $12, $13, $14, $15, $16, $17, $18 FROM consumed WHERE $10 IS NOT NULL), \
      cleared AS (UPDATE refresh_tokens SET replay = NULL, replay_until = NULL \
-     WHERE family = $22 AND generation < $23 AND replay IS NOT NULL \
+     WHERE digest IN (SELECT digest FROM refresh_tokens \
+       WHERE family = $22 AND generation < $23 AND replay IS NOT NULL FOR UPDATE SKIP LOCKED) \
        AND EXISTS (SELECT 1 FROM consumed)) \
      SELECT count(*) FROM consumed";
 
@@ -297,8 +303,10 @@ const REVOKE_FAMILY_REFRESH: &str = "UPDATE refresh_tokens SET revoked = TRUE \
 /// the rows are locked newest generation first, the order in which a rotation takes them
 /// ([`ROTATE_POSTGRES`] consumes generation g, then ends g − 1's replay). In scan order, oldest
 /// first, a revocation could hold g − 1 while it waited for g, and the rotation holding g then
-/// waited for g − 1: a deadlock, which PostgreSQL breaks by aborting one of them (40P01, a 503
-/// to its client). SQLite has one writer at a time and no `FOR UPDATE`.
+/// waited for g − 1: a deadlock, which PostgreSQL broke by aborting one of them (40P01, a 503
+/// to its client). The rotation now skips a held predecessor instead of waiting; in this order
+/// it is not held, and a rotation in progress finishes whole. SQLite has one writer at a time
+/// and no `FOR UPDATE`.
 const REVOKE_FAMILY_REFRESH_POSTGRES: &str = "UPDATE refresh_tokens SET revoked = TRUE \
      WHERE digest IN (SELECT digest FROM refresh_tokens WHERE family = $1 AND revoked = FALSE \
        ORDER BY generation DESC FOR UPDATE) \
@@ -309,6 +317,16 @@ const PURGE_ACCESS: &str = "DELETE FROM access_tokens WHERE digest IN \
 
 const PURGE_REFRESH: &str = "DELETE FROM refresh_tokens WHERE digest IN \
      (SELECT digest FROM refresh_tokens WHERE expires_at <= $1 LIMIT $2)";
+
+/// [`PURGE_ACCESS`] and [`PURGE_REFRESH`] on PostgreSQL: rows another transaction holds are left
+/// to the next pass, so a purge never waits. It takes a family's expired rows oldest first (by
+/// expiry), a revocation newest first ([`REVOKE_FAMILY_REFRESH_POSTGRES`]): waiting, the two
+/// could deadlock.
+const PURGE_ACCESS_POSTGRES: &str = "DELETE FROM access_tokens WHERE digest IN \
+     (SELECT digest FROM access_tokens WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
+const PURGE_REFRESH_POSTGRES: &str = "DELETE FROM refresh_tokens WHERE digest IN \
+     (SELECT digest FROM refresh_tokens WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
 const COUNT_ACCESS: &str =
     "SELECT COUNT(*) FROM access_tokens WHERE revoked = FALSE AND expires_at > $1";
@@ -877,19 +895,19 @@ impl TokenStore for SqlStore {
         // but the row it waited on was then updated, so the loop runs again and the next
         // statement sees the new pair. It ends when a statement finds nothing left to revoke;
         // any later rotation finds its token revoked. (On SQLite the first pass is final.)
-        // Each pass commits: a pass that still held the rows of the one before would hold
-        // generation g while waiting for g + 1, which a rotation of g + 1 holds while it waits
-        // for g (the end of g's replay), the deadlock that [`REVOKE_FAMILY_REFRESH_POSTGRES`]'s
-        // order prevents within one pass. A later pass skips the rows already revoked.
+        // One transaction: a revocation that fails leaves the family as it was, and the reused
+        // token still detects reuse when it is presented again. A rotation never waits for a
+        // row the revocation holds but its own ([`ROTATE_POSTGRES`] skips a locked predecessor),
+        // and a purge never waits at all, so the rows held by earlier passes close no cycle.
         let now = crate::now();
         let family = family_bytes(family);
         let revoke_refresh = match self.backend {
             Backend::Sqlite { .. } => REVOKE_FAMILY_REFRESH,
             Backend::Postgres(_) => REVOKE_FAMILY_REFRESH_POSTGRES,
         };
-        let mut live = 0u64;
-        for _ in 0..32 {
-            let rows = in_write_tx!(self, map_err, tx => {
+        in_write_tx!(self, map_err, tx => {
+            let mut live = 0u64;
+            for _ in 0..32 {
                 let mut rows: Vec<RevokedRow> = sqlx::query_as(REVOKE_FAMILY_ACCESS)
                     .bind(family.as_slice())
                     .fetch_all(&mut *tx)
@@ -902,23 +920,26 @@ impl TokenStore for SqlStore {
                         .await
                         .map_err(map_err)?,
                 );
-                tx.commit().await.map_err(map_err)?;
-                rows
-            });
-            if rows.is_empty() {
-                break;
+                if rows.is_empty() {
+                    break;
+                }
+                live += rows
+                    .iter()
+                    .filter(|r| r.consumed_at.is_none() && r.expires_at > now)
+                    .count() as u64;
             }
-            live += rows
-                .iter()
-                .filter(|r| r.consumed_at.is_none() && r.expires_at > now)
-                .count() as u64;
-        }
-        Ok(Some(live))
+            tx.commit().await.map_err(map_err)?;
+            Ok(Some(live))
+        })
     }
 
     async fn purge_expired(&self, now: UnixTime) -> StoreResult<u64> {
         let mut removed = 0;
-        for sql in [PURGE_ACCESS, PURGE_REFRESH] {
+        let statements = match self.backend {
+            Backend::Sqlite { .. } => [PURGE_ACCESS, PURGE_REFRESH],
+            Backend::Postgres(_) => [PURGE_ACCESS_POSTGRES, PURGE_REFRESH_POSTGRES],
+        };
+        for sql in statements {
             loop {
                 let n = in_write_tx!(self, map_err, tx => {
                     let n = sqlx::query(sql)

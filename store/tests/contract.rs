@@ -582,7 +582,7 @@ mod postgres_only {
              (SELECT pid FROM pg_locks WHERE relation = '{table}'::regclass)"
         );
         let mut waited = false;
-        for _ in 0..100 {
+        for _ in 0..500 {
             let n: i64 = sqlx::query_scalar(&waiting)
                 .fetch_one(&admin)
                 .await
@@ -616,6 +616,114 @@ mod postgres_only {
         assert_eq!(revoked, Some(2));
         assert_eq!(a.count_live(now).await.expect("count"), 0);
         a.revoke_family(first.family).await.expect("revoke again");
+    }
+
+    /// A rotation waits for no row but the presented one: when another transaction holds its
+    /// predecessor's row (in the gateway, a family revocation or a purge), the rotation leaves
+    /// that replay's end to the holder instead of waiting, so it closes no lock cycle. Here the
+    /// holder rolls back, so the replay it skipped is still there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
+    async fn postgres_a_rotation_does_not_wait_for_its_predecessors_row() {
+        use store::{Digest, Replay, RotateDecision, RotateOutcome};
+
+        let schema = PgSchema::new();
+        let a = schema.store().await;
+        let admin = schema.admin().await;
+        let now = store::now();
+        let first = testing::issue_pair(&a, testing::CLIENT, now).await;
+        let replay = Replay {
+            sealed: b"the response that issued generation 1".to_vec(),
+            until: now + 60,
+        };
+        let (gen1, pair) =
+            testing::successor(testing::grant(testing::CLIENT), now, Some(replay.clone()));
+        let rotate_to = |issue: store::Issue| {
+            move |_: &store::RefreshToken| RotateDecision::Rotate(issue.clone())
+        };
+        let outcome = a
+            .rotate(
+                &Digest::of(&first.refresh),
+                testing::CLIENT,
+                now,
+                &rotate_to(gen1),
+            )
+            .await
+            .expect("rotate");
+        assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+
+        let mut holder = admin.begin().await.expect("begin");
+        sqlx::query(&format!(
+            "SELECT 1 FROM \"{}\".refresh_tokens WHERE digest = $1 FOR UPDATE",
+            schema.name
+        ))
+        .bind(Digest::of(&first.refresh).as_bytes().as_slice())
+        .execute(&mut *holder)
+        .await
+        .expect("hold generation 0's row");
+        let (gen2, _) = testing::successor(testing::grant(testing::CLIENT), now, None);
+        let outcome = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            a.rotate(
+                &Digest::of(&pair.refresh),
+                testing::CLIENT,
+                now,
+                &rotate_to(gen2),
+            ),
+        )
+        .await
+        .expect("the rotation waited for its predecessor's row")
+        .expect("rotate");
+        assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+        holder.rollback().await.expect("rollback");
+
+        let first_again = a
+            .rotate(&Digest::of(&first.refresh), testing::CLIENT, now, &|_| {
+                RotateDecision::Reject
+            })
+            .await
+            .expect("present generation 0");
+        assert_eq!(
+            first_again,
+            RotateOutcome::AlreadyRotated {
+                family: first.family,
+                replay: Some(replay)
+            }
+        );
+    }
+
+    /// A purge waits for no row: one that another transaction holds is left to the next pass.
+    /// It takes a family's expired rows oldest first, a revocation newest first; waiting, the
+    /// two could deadlock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
+    async fn postgres_a_purge_does_not_wait_for_a_held_row() {
+        let schema = PgSchema::new();
+        let a = schema.store().await;
+        let admin = schema.admin().await;
+        let now = store::now();
+        let held = testing::issue_pair(&a, testing::CLIENT, now).await;
+        testing::issue_pair(&a, testing::CLIENT, now).await;
+
+        let mut holder = admin.begin().await.expect("begin");
+        sqlx::query(&format!(
+            "SELECT 1 FROM \"{}\".refresh_tokens WHERE digest = $1 FOR UPDATE",
+            schema.name
+        ))
+        .bind(store::Digest::of(&held.refresh).as_bytes().as_slice())
+        .execute(&mut *holder)
+        .await
+        .expect("hold a refresh token's row");
+        let later = now + testing::REFRESH_TTL + 1;
+        let removed =
+            tokio::time::timeout(std::time::Duration::from_secs(10), a.purge_expired(later))
+                .await
+                .expect("the purge waited for a held row")
+                .expect("purge");
+        // Both access tokens and the refresh token nobody holds.
+        assert_eq!(removed, 3);
+        holder.rollback().await.expect("rollback");
+        assert_eq!(a.purge_expired(later).await.expect("purge"), 1);
     }
 
     /// F2: the server drops every connection of the pool; the next calls reconnect by
