@@ -25,7 +25,8 @@
 //!   others write nothing; a token consumed or revoked between the read and the statement is
 //!   left to that change the same way. Lock order, so that replicas never deadlock: a
 //!   rotation waits for no row but the presented one (it skips a held predecessor), a family
-//!   revocation locks its refresh rows newest generation first, a purge skips held rows.
+//!   revocation first takes its family's advisory lock (one revocation of a family at a time),
+//!   then locks the refresh rows newest generation first, and a purge skips held rows.
 //!
 //! Migrations for both dialects are embedded and applied at connect. Connection and pool
 //! failures become [`StoreError::Unavailable`]; the pool tests connections before handing them
@@ -229,9 +230,11 @@ const READ_REFRESH_POSTGRES: &str = "SELECT client_id, subject, scope, metadata,
 /// many rows it consumed (0 or 1). The kept replay is set by the consuming `UPDATE` itself, as
 /// one statement may not change a row twice; the cleared generations are older than the
 /// presented one (`$23`). The clearing skips a predecessor whose row another transaction holds,
-/// so that a rotation waits for no row but the presented one and closes no lock cycle: the
-/// holder is a family revocation (the replay is then moot, the family revoked) or a purge (the
-/// row expired, deleted).
+/// so that a rotation waits for no row but the presented one and closes no lock cycle. In the
+/// gateway the holder is a family revocation, which revokes the row, or a purge, which deletes
+/// it. If the holder rolls back instead (a failed revocation, an operator's session), the
+/// predecessor keeps its replay until its `replay_until` (at most `reuse_grace_secs`) or the
+/// family's next rotation, which clears every older replay.
 const ROTATE_POSTGRES: &str = "WITH consumed AS (UPDATE refresh_tokens \
      SET consumed_at = $26, replay = COALESCE($20, replay), replay_until = COALESCE($21, replay_until) \
      WHERE digest = $24 AND client_id = $25 AND consumed_at IS NULL AND revoked = FALSE \
@@ -304,13 +307,29 @@ const REVOKE_FAMILY_REFRESH: &str = "UPDATE refresh_tokens SET revoked = TRUE \
 /// ([`ROTATE_POSTGRES`] consumes generation g, then ends g − 1's replay). In scan order, oldest
 /// first, a revocation could hold g − 1 while it waited for g, and the rotation holding g then
 /// waited for g − 1: a deadlock, which PostgreSQL broke by aborting one of them (40P01, a 503
-/// to its client). The rotation now skips a held predecessor instead of waiting; in this order
-/// it is not held, and a rotation in progress finishes whole. SQLite has one writer at a time
-/// and no `FOR UPDATE`.
+/// to its client). The rotation now skips a held predecessor instead of waiting, so this order
+/// is what keeps a rotation in progress whole: the revocation waits for the presented row
+/// before it takes the older ones, and the rotation ends its predecessor's replay. SQLite has
+/// one writer at a time and no `FOR UPDATE`.
 const REVOKE_FAMILY_REFRESH_POSTGRES: &str = "UPDATE refresh_tokens SET revoked = TRUE \
      WHERE digest IN (SELECT digest FROM refresh_tokens WHERE family = $1 AND revoked = FALSE \
        ORDER BY generation DESC FOR UPDATE) \
      RETURNING expires_at, consumed_at";
+
+/// Taken first by a family revocation on PostgreSQL, before any row: two revocations of one
+/// family (a thief and the victim both presenting rotated tokens, a client's retry) then run one
+/// after the other. At once, each takes rows across its passes newest first within a pass but
+/// newer than what it holds in the next, and they could deadlock. Keyed by the family's first
+/// eight bytes ([`revocation_lock_key`]); held until the transaction ends. Only revocations
+/// take it, so a revocation waits for it holding nothing.
+const LOCK_FAMILY_REVOCATION: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// [`LOCK_FAMILY_REVOCATION`]'s key: two families sharing it only wait for each other.
+fn revocation_lock_key(family: &[u8; 16]) -> i64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&family[..8]);
+    i64::from_be_bytes(first)
+}
 
 const PURGE_ACCESS: &str = "DELETE FROM access_tokens WHERE digest IN \
      (SELECT digest FROM access_tokens WHERE expires_at <= $1 LIMIT $2)";
@@ -318,10 +337,10 @@ const PURGE_ACCESS: &str = "DELETE FROM access_tokens WHERE digest IN \
 const PURGE_REFRESH: &str = "DELETE FROM refresh_tokens WHERE digest IN \
      (SELECT digest FROM refresh_tokens WHERE expires_at <= $1 LIMIT $2)";
 
-/// [`PURGE_ACCESS`] and [`PURGE_REFRESH`] on PostgreSQL: rows another transaction holds are left
-/// to the next pass, so a purge never waits. It takes a family's expired rows oldest first (by
-/// expiry), a revocation newest first ([`REVOKE_FAMILY_REFRESH_POSTGRES`]): waiting, the two
-/// could deadlock.
+/// [`PURGE_ACCESS`] and [`PURGE_REFRESH`] on PostgreSQL: rows another transaction holds are
+/// skipped, left to a later purge, so a purge never waits. Its statements take rows in no set
+/// order (an index scan by expiry, oldest first), a revocation newest generation first
+/// ([`REVOKE_FAMILY_REFRESH_POSTGRES`]): waiting, the two could deadlock.
 const PURGE_ACCESS_POSTGRES: &str = "DELETE FROM access_tokens WHERE digest IN \
      (SELECT digest FROM access_tokens WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
@@ -901,11 +920,18 @@ impl TokenStore for SqlStore {
         // and a purge never waits at all, so the rows held by earlier passes close no cycle.
         let now = crate::now();
         let family = family_bytes(family);
-        let revoke_refresh = match self.backend {
-            Backend::Sqlite { .. } => REVOKE_FAMILY_REFRESH,
-            Backend::Postgres(_) => REVOKE_FAMILY_REFRESH_POSTGRES,
+        let (serialize, revoke_refresh) = match self.backend {
+            Backend::Sqlite { .. } => (None, REVOKE_FAMILY_REFRESH),
+            Backend::Postgres(_) => (Some(LOCK_FAMILY_REVOCATION), REVOKE_FAMILY_REFRESH_POSTGRES),
         };
         in_write_tx!(self, map_err, tx => {
+            if let Some(lock) = serialize {
+                sqlx::query(lock)
+                    .bind(revocation_lock_key(&family))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
             let mut live = 0u64;
             for _ in 0..32 {
                 let mut rows: Vec<RevokedRow> = sqlx::query_as(REVOKE_FAMILY_ACCESS)

@@ -527,10 +527,13 @@ mod postgres_only {
 
     /// A rotation takes the presented generation's row, then its predecessor's (the end of
     /// the predecessor's replay, in the same statement). A family revocation (reuse detected)
-    /// must take the family's refresh rows in that order too, newest first: taken in scan
-    /// order, oldest first, it held the predecessor while it waited for the presented row,
-    /// and PostgreSQL aborted one of the two as a deadlock (40P01, answered 503). The rotation
-    /// is played here by hand, one lock at a time, so that the revocation starts between them.
+    /// takes the family's refresh rows in that order too, newest first: taken in scan order,
+    /// oldest first, it held the predecessor while it waited for the presented row, and
+    /// PostgreSQL aborted one of the two as a deadlock (40P01, answered 503). The rotation is
+    /// played here by hand, one lock at a time and waiting for each (as `ROTATE_POSTGRES` did
+    /// before it skipped a held predecessor), so that the revocation starts between them. With
+    /// the skip the old order would no longer deadlock but would leave the replay uncleared;
+    /// this order keeps the rotation whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_a_family_revocation_takes_rows_in_the_rotations_order() {
@@ -621,7 +624,8 @@ mod postgres_only {
     /// A rotation waits for no row but the presented one: when another transaction holds its
     /// predecessor's row (in the gateway, a family revocation or a purge), the rotation leaves
     /// that replay's end to the holder instead of waiting, so it closes no lock cycle. Here the
-    /// holder rolls back, so the replay it skipped is still there.
+    /// holder rolls back, so the replay it skipped is still there (until its `until`, or the
+    /// family's next rotation).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_a_rotation_does_not_wait_for_its_predecessors_row() {
@@ -692,9 +696,77 @@ mod postgres_only {
         );
     }
 
-    /// A purge waits for no row: one that another transaction holds is left to the next pass.
-    /// It takes a family's expired rows oldest first, a revocation newest first; waiting, the
-    /// two could deadlock.
+    /// Two revocations of one family run one after the other: each first takes the family's
+    /// advisory lock, before any row, so the second waits holding nothing. (At once, each
+    /// takes rows newer than those it holds in its next pass, and the two could deadlock.)
+    /// Here another session holds that lock: the revocation must wait for it without holding
+    /// any of the family's rows, then revoke the family.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
+    async fn postgres_revocations_of_one_family_take_turns() {
+        let schema = PgSchema::new();
+        let (a, b) = (schema.store().await, schema.store().await);
+        let admin = schema.admin().await;
+        let now = store::now();
+        let pair = testing::issue_pair(&a, testing::CLIENT, now).await;
+        // The lock's key: the family's first eight bytes (big-endian), as the store takes it.
+        let key = (pair.family.0 >> 64) as u64 as i64;
+
+        let mut other = admin.begin().await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key)
+            .execute(&mut *other)
+            .await
+            .expect("take the family's revocation lock");
+        let family = pair.family;
+        let revocation = tokio::spawn(async move { b.revoke_family(family).await });
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' \
+             AND query LIKE '%pg_advisory_xact_lock%' AND pid <> pg_backend_pid()";
+        let mut waited = false;
+        for _ in 0..500 {
+            let n: i64 = sqlx::query_scalar(waiting)
+                .fetch_one(&admin)
+                .await
+                .expect("pg_stat_activity");
+            if n > 0 {
+                waited = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(waited, "the revocation did not wait for the family's lock");
+        // Meanwhile it holds none of the family's rows.
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *other)
+            .await
+            .expect("lock_timeout");
+        for table in ["access_tokens", "refresh_tokens"] {
+            let n = sqlx::query(&format!(
+                "SELECT 1 FROM \"{}\".{table} WHERE family = $1 FOR UPDATE",
+                schema.name
+            ))
+            .bind(pair.family.0.to_be_bytes().as_slice())
+            .execute(&mut *other)
+            .await
+            .expect("the family's rows are free while the revocation waits")
+            .rows_affected();
+            assert_eq!(n, 1, "{table}");
+        }
+        assert!(!revocation.is_finished());
+        other.commit().await.expect("commit");
+
+        let revoked = revocation
+            .await
+            .expect("revocation task")
+            .expect("revoke_family");
+        assert_eq!(revoked, Some(2));
+        assert_eq!(a.count_live(now).await.expect("count"), 0);
+    }
+
+    /// A purge waits for no row: one that another transaction holds is left to a later purge.
+    /// Its scan takes a family's expired rows oldest first, a revocation newest first; waiting,
+    /// the two could deadlock.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_a_purge_does_not_wait_for_a_held_row() {
