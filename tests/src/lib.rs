@@ -431,7 +431,21 @@ impl Running {
     }
 
     /// Like [`Running::start`], with extra environment variables (for `${VAR}` expansion).
+    /// A port that [`free_addr`] found free can be taken by another test's socket before the
+    /// binary binds it: then the binary exits at once, and it is started again on new ports.
     pub async fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Running {
+        for _ in 0..4 {
+            if let Some(r) = Running::try_start(dir, env).await {
+                return r;
+            }
+        }
+        Running::try_start(dir, env)
+            .await
+            .expect("gateway could not listen on a free port in five attempts")
+    }
+
+    /// One start; `None` when the binary could not bind one of its ports.
+    async fn try_start(dir: &Path, env: &[(&str, &str)]) -> Option<Running> {
         let public = free_addr();
         let admin = free_addr();
         let log_dir = tempfile::tempdir().expect("temp dir");
@@ -462,10 +476,14 @@ impl Running {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = r.child.try_wait().expect("try_wait") {
-                panic!("gateway exited early with {status}: {}", r.log_text());
+                let log = r.log_text();
+                if log.contains("Address already in use") {
+                    return None;
+                }
+                panic!("gateway exited early with {status}: {log}");
             }
             if TcpStream::connect(admin).await.is_ok() && TcpStream::connect(public).await.is_ok() {
-                return r;
+                return Some(r);
             }
             assert!(
                 std::time::Instant::now() < deadline,

@@ -142,11 +142,14 @@ policies:
     chain: [{ name: r, type: set_response, body: "b=${http.form.b}" }]
 "#;
 
-/// Starts `n` uploads whose body is still on its way: requests in flight in the binary.
-async fn half_sent_uploads(a: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+/// Starts `n` uploads whose body is still on its way, and returns once the binary serves all
+/// of them (its `gateway_requests_in_flight` gauge reads `n`): requests in flight. A fixed
+/// pause was not enough on a loaded machine, where a head not yet read when the signal came
+/// left an idle connection, which the drain rightly closes.
+async fn half_sent_uploads(gw: &Running, n: usize) -> Vec<TcpStream> {
     let mut conns = Vec::new();
     for _ in 0..n {
-        let mut s = TcpStream::connect(a).await.unwrap();
+        let mut s = TcpStream::connect(gw.public).await.unwrap();
         s.write_all(
             b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 5\r\n\r\nb=",
         )
@@ -154,8 +157,19 @@ async fn half_sent_uploads(a: std::net::SocketAddr, n: usize) -> Vec<TcpStream> 
         .unwrap();
         conns.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    conns
+    let want = format!("\ngateway_requests_in_flight {n}\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = get(gw.admin, "/metrics").await.text();
+        if metrics.contains(&want) {
+            return conns;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the binary did not start serving the {n} uploads within 20 s: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn finish_upload(mut s: TcpStream) -> String {
@@ -173,7 +187,7 @@ async fn finish_upload(mut s: TcpStream) -> String {
 async fn binary_drains_on(signal: &str) {
     let dir = PolicyDir::new(&[("p.yaml", UPLOAD)]);
     let mut gw = Running::start(dir.path()).await;
-    let conns = half_sent_uploads(gw.public, 6).await;
+    let conns = half_sent_uploads(&gw, 6).await;
     gw.signal(signal);
     assert!(
         refused_within(gw.public, Duration::from_secs(1)).await,
@@ -207,7 +221,7 @@ async fn sigint_drains_in_flight_requests_and_exits_0() {
 async fn sigterm_exits_0_within_the_drain_time_when_a_request_never_ends() {
     let dir = PolicyDir::new(&[("p.yaml", UPLOAD)]);
     let mut gw = Running::start(dir.path()).await;
-    let _stuck = half_sent_uploads(gw.public, 2).await;
+    let _stuck = half_sent_uploads(&gw, 2).await;
     let started = Instant::now();
     gw.signal("TERM");
     let status = gw
