@@ -880,7 +880,11 @@ mod tests {
     #[test]
     fn a_full_store_keeps_the_newest_tokens() {
         // 20,000 pairs through a store bounded at 10,000 entries, one second apart: what
-        // survives is the newest part, whatever shard each token hashed to.
+        // survives is the newest part, whatever shard each token hashed to. Each shard evicts
+        // its own oldest, so the cut across the store is close to the oldest, not exact: in
+        // 60 runs the survivors (about 5,000 pairs, from near pair 15,000) included at most 5
+        // pairs from 8,000 to 10,000 and none older; one in 10,000 once failed a CI run that
+        // asked for none at all.
         let store = MemoryStore::new(10_000);
         let now = crate::now();
         let pairs: Vec<(Digest, Digest)> = (0..20_000)
@@ -898,15 +902,22 @@ mod tests {
             .iter()
             .filter(|(a, r)| held(a) && held(r))
             .count();
-        let oldest_kept = pairs[..10_000]
-            .iter()
-            .filter(|(a, r)| held(a) || held(r))
-            .count();
+        let kept = |range: std::ops::Range<usize>| {
+            pairs[range]
+                .iter()
+                .filter(|(a, r)| held(a) || held(r))
+                .count()
+        };
         assert_eq!(
             newest_kept, 1000,
             "every one of the newest 1,000 pairs is kept"
         );
-        assert_eq!(oldest_kept, 0, "none of the oldest 10,000 pairs is kept");
+        assert_eq!(kept(0..5_000), 0, "none of the oldest 5,000 pairs is kept");
+        let older_half = kept(5_000..10_000);
+        assert!(
+            older_half <= 50,
+            "{older_half} of pairs 5,000 to 10,000 kept (at most 1%)"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
