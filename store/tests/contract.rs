@@ -304,6 +304,60 @@ async fn bad_urls_are_refused_without_echoing_them() {
 mod postgres_only {
     use super::*;
 
+    /// A family whose generation 0 was rotated to generation 1 with a replay window: generation
+    /// 0 keeps a replay of the response that made generation 1, which a rotation of generation
+    /// 1 ends. Returns generation 0, generation 1 and that replay.
+    async fn family_with_a_replay(
+        store: &SharedStore,
+        now: store::UnixTime,
+    ) -> (testing::Pair, testing::Pair, store::Replay) {
+        let first = testing::issue_pair(store, testing::CLIENT, now).await;
+        let replay = store::Replay {
+            sealed: b"the response that issued generation 1".to_vec(),
+            until: now + 60,
+        };
+        let (gen1, pair) =
+            testing::successor(testing::grant(testing::CLIENT), now, Some(replay.clone()));
+        let outcome = store
+            .rotate(
+                &store::Digest::of(&first.refresh),
+                testing::CLIENT,
+                now,
+                &|_| store::RotateDecision::Rotate(gen1.clone()),
+            )
+            .await
+            .expect("rotate");
+        assert!(matches!(outcome, store::RotateOutcome::Rotated { .. }));
+        (first, pair, replay)
+    }
+
+    /// Whether `count_waiters` (a `SELECT count(*)` of waiting backends) counts one within 10 s.
+    async fn a_backend_waits(admin: &sqlx::PgPool, count_waiters: &str) -> bool {
+        for _ in 0..500 {
+            let n: i64 = sqlx::query_scalar(count_waiters)
+                .fetch_one(admin)
+                .await
+                .expect("pg_stat_activity");
+            if n > 0 {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Locks a refresh token's row in `tx` until it ends, as another session would.
+    async fn hold_refresh_row(tx: &mut sqlx::PgConnection, schema: &PgSchema, refresh: &str) {
+        sqlx::query(&format!(
+            "SELECT 1 FROM \"{}\".refresh_tokens WHERE digest = $1 FOR UPDATE",
+            schema.name
+        ))
+        .bind(store::Digest::of(refresh).as_bytes().as_slice())
+        .execute(tx)
+        .await
+        .expect("hold a refresh token's row");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_keeps_digests_only() {
@@ -380,7 +434,7 @@ mod postgres_only {
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_a_token_changed_while_the_rotation_decides_is_left_to_the_change() {
         use std::sync::atomic::{AtomicBool, Ordering};
-        use store::{Digest, Replay, RotateDecision, RotateOutcome};
+        use store::{Digest, RotateDecision, RotateOutcome};
 
         #[derive(Clone, Copy, Debug, PartialEq)]
         enum Meanwhile {
@@ -412,25 +466,8 @@ mod postgres_only {
             Meanwhile::Revoked,
             Meanwhile::RevokingUntilTheStatementWaits,
         ] {
-            // Generation 0 keeps a replay of the response that made generation 1, the token
-            // presented below: a rotation of generation 1 ends that replay.
-            let first = testing::issue_pair(&a, testing::CLIENT, now).await;
-            let replay = Replay {
-                sealed: b"the response that issued generation 1".to_vec(),
-                until: now + 60,
-            };
-            let (gen1, pair) =
-                testing::successor(testing::grant(testing::CLIENT), now, Some(replay.clone()));
-            let outcome = a
-                .rotate(
-                    &Digest::of(&first.refresh),
-                    testing::CLIENT,
-                    now,
-                    &rotate_to(gen1),
-                )
-                .await
-                .expect("rotate");
-            assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+            // Generation 1 is the token presented below.
+            let (first, pair, replay) = family_with_a_replay(&a, now).await;
             let presented = Digest::of(&pair.refresh);
             let (mine, my_pair) = testing::successor(testing::grant(testing::CLIENT), now, None);
             let (theirs, their_pair) =
@@ -537,26 +574,14 @@ mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_a_family_revocation_takes_rows_in_the_rotations_order() {
-        use store::{Digest, Replay, RotateDecision, RotateOutcome};
+        use store::Digest;
 
         let schema = PgSchema::new();
         let (a, b) = (schema.store().await, schema.store().await);
         let admin = schema.admin().await;
         let now = store::now();
         // Generation 0 keeps a replay; generation 1 is live.
-        let first = testing::issue_pair(&a, testing::CLIENT, now).await;
-        let replay = Replay {
-            sealed: b"the response that issued generation 1".to_vec(),
-            until: now + 60,
-        };
-        let (gen1, pair) = testing::successor(testing::grant(testing::CLIENT), now, Some(replay));
-        let outcome = a
-            .rotate(&Digest::of(&first.refresh), testing::CLIENT, now, &|_| {
-                RotateDecision::Rotate(gen1.clone())
-            })
-            .await
-            .expect("rotate");
-        assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+        let (first, pair, _) = family_with_a_replay(&a, now).await;
 
         // The rotation of generation 1, first lock: its own row.
         let table = format!("\"{}\".refresh_tokens", schema.name);
@@ -584,19 +609,10 @@ mod postgres_only {
              AND query LIKE '%revoked = TRUE%' AND pid IN \
              (SELECT pid FROM pg_locks WHERE relation = '{table}'::regclass)"
         );
-        let mut waited = false;
-        for _ in 0..500 {
-            let n: i64 = sqlx::query_scalar(&waiting)
-                .fetch_one(&admin)
-                .await
-                .expect("pg_stat_activity");
-            if n > 0 {
-                waited = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        assert!(waited, "the revocation never waited for the rotation's row");
+        assert!(
+            a_backend_waits(&admin, &waiting).await,
+            "the revocation never waited for the rotation's row"
+        );
 
         // Second lock: the predecessor's replay ends. The revocation must not hold that row.
         let cleared = sqlx::query(&format!(
@@ -629,51 +645,22 @@ mod postgres_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs TEST_DATABASE_URL (PostgreSQL)"]
     async fn postgres_a_rotation_does_not_wait_for_its_predecessors_row() {
-        use store::{Digest, Replay, RotateDecision, RotateOutcome};
+        use store::{Digest, RotateDecision, RotateOutcome};
 
         let schema = PgSchema::new();
         let a = schema.store().await;
         let admin = schema.admin().await;
         let now = store::now();
-        let first = testing::issue_pair(&a, testing::CLIENT, now).await;
-        let replay = Replay {
-            sealed: b"the response that issued generation 1".to_vec(),
-            until: now + 60,
-        };
-        let (gen1, pair) =
-            testing::successor(testing::grant(testing::CLIENT), now, Some(replay.clone()));
-        let rotate_to = |issue: store::Issue| {
-            move |_: &store::RefreshToken| RotateDecision::Rotate(issue.clone())
-        };
-        let outcome = a
-            .rotate(
-                &Digest::of(&first.refresh),
-                testing::CLIENT,
-                now,
-                &rotate_to(gen1),
-            )
-            .await
-            .expect("rotate");
-        assert!(matches!(outcome, RotateOutcome::Rotated { .. }));
+        let (first, pair, replay) = family_with_a_replay(&a, now).await;
 
         let mut holder = admin.begin().await.expect("begin");
-        sqlx::query(&format!(
-            "SELECT 1 FROM \"{}\".refresh_tokens WHERE digest = $1 FOR UPDATE",
-            schema.name
-        ))
-        .bind(Digest::of(&first.refresh).as_bytes().as_slice())
-        .execute(&mut *holder)
-        .await
-        .expect("hold generation 0's row");
+        hold_refresh_row(&mut holder, &schema, &first.refresh).await;
         let (gen2, _) = testing::successor(testing::grant(testing::CLIENT), now, None);
         let outcome = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            a.rotate(
-                &Digest::of(&pair.refresh),
-                testing::CLIENT,
-                now,
-                &rotate_to(gen2),
-            ),
+            a.rotate(&Digest::of(&pair.refresh), testing::CLIENT, now, &|_| {
+                RotateDecision::Rotate(gen2.clone())
+            }),
         )
         .await
         .expect("the rotation waited for its predecessor's row")
@@ -723,19 +710,10 @@ mod postgres_only {
         let waiting = "SELECT count(*) FROM pg_stat_activity \
              WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' \
              AND query LIKE '%pg_advisory_xact_lock%' AND pid <> pg_backend_pid()";
-        let mut waited = false;
-        for _ in 0..500 {
-            let n: i64 = sqlx::query_scalar(waiting)
-                .fetch_one(&admin)
-                .await
-                .expect("pg_stat_activity");
-            if n > 0 {
-                waited = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        assert!(waited, "the revocation did not wait for the family's lock");
+        assert!(
+            a_backend_waits(&admin, waiting).await,
+            "the revocation did not wait for the family's lock"
+        );
         // Meanwhile it holds none of the family's rows.
         sqlx::query("SET LOCAL lock_timeout = '5s'")
             .execute(&mut *other)
@@ -778,14 +756,7 @@ mod postgres_only {
         testing::issue_pair(&a, testing::CLIENT, now).await;
 
         let mut holder = admin.begin().await.expect("begin");
-        sqlx::query(&format!(
-            "SELECT 1 FROM \"{}\".refresh_tokens WHERE digest = $1 FOR UPDATE",
-            schema.name
-        ))
-        .bind(store::Digest::of(&held.refresh).as_bytes().as_slice())
-        .execute(&mut *holder)
-        .await
-        .expect("hold a refresh token's row");
+        hold_refresh_row(&mut holder, &schema, &held.refresh).await;
         let later = now + testing::REFRESH_TTL + 1;
         let removed =
             tokio::time::timeout(std::time::Duration::from_secs(10), a.purge_expired(later))
