@@ -854,6 +854,10 @@ impl TokenStore for SqlStore {
         };
         let consumed = consumed_from(row.token)?;
         let issue = match decide(&consumed) {
+            // The read saw the token live and unconsumed, so a rejection (a scope beyond the
+            // grant) is ordered before any rotation that consumed it since: the same answer the
+            // memory store gives when the request comes first, and nothing is written. Reuse
+            // detection is for a token seen consumed, which `classify` reports above.
             RotateDecision::Reject => return Ok(RotateOutcome::Rejected),
             RotateDecision::Rotate(issue) => issue,
         };
