@@ -134,7 +134,8 @@ pub fn successor(grant: Arc<Grant>, now: UnixTime, replay: Option<Replay>) -> (I
     (issue, pair)
 }
 
-fn rotate_to(issue: Issue) -> impl Fn(&RefreshToken) -> RotateDecision + Send + Sync {
+/// A decision that always rotates into `issue`.
+pub fn rotate_to(issue: Issue) -> impl Fn(&RefreshToken) -> RotateDecision + Send + Sync {
     move |_| RotateDecision::Rotate(issue.clone())
 }
 
@@ -151,8 +152,9 @@ async fn rotate(
         .expect("rotate")
 }
 
-/// Rotates `refresh` into a fresh successor; panics unless the rotation happened.
-async fn rotate_ok(
+/// Rotates `refresh` into a fresh successor for [`CLIENT`] (with `replay`, if any); panics
+/// unless the rotation happened. Returns the consumed token and the successor's tokens.
+pub async fn rotate_ok(
     store: &SharedStore,
     refresh: &str,
     now: UnixTime,

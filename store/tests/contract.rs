@@ -207,18 +207,7 @@ async fn sqlite_is_durable_wal_and_consistent_after_reopen() {
     let db = sqlite().await;
     let now = store::now();
     let pair = testing::issue_pair(&db.store, testing::CLIENT, now).await;
-    let (issue, next) = testing::successor(testing::grant(testing::CLIENT), now, None);
-    let outcome = db
-        .store
-        .rotate(
-            &store::Digest::of(&pair.refresh),
-            testing::CLIENT,
-            now,
-            &|_| store::RotateDecision::Rotate(issue.clone()),
-        )
-        .await
-        .expect("rotate");
-    assert!(matches!(outcome, store::RotateOutcome::Rotated { .. }));
+    let (_, next) = testing::rotate_ok(&db.store, &pair.refresh, now, None).await;
 
     let url = format!("sqlite://{}", db.path().display());
     let reopened: SharedStore = Arc::new(
@@ -316,18 +305,7 @@ mod postgres_only {
             sealed: b"the response that issued generation 1".to_vec(),
             until: now + 60,
         };
-        let (gen1, pair) =
-            testing::successor(testing::grant(testing::CLIENT), now, Some(replay.clone()));
-        let outcome = store
-            .rotate(
-                &store::Digest::of(&first.refresh),
-                testing::CLIENT,
-                now,
-                &|_| store::RotateDecision::Rotate(gen1.clone()),
-            )
-            .await
-            .expect("rotate");
-        assert!(matches!(outcome, store::RotateOutcome::Rotated { .. }));
+        let (_, pair) = testing::rotate_ok(store, &first.refresh, now, Some(replay.clone())).await;
         (first, pair, replay)
     }
 
@@ -458,9 +436,6 @@ mod postgres_only {
                 .expect("access_token")
                 .is_some()
         };
-        let rotate_to = |issue: store::Issue| {
-            move |_: &store::RefreshToken| RotateDecision::Rotate(issue.clone())
-        };
         for meanwhile in [
             Meanwhile::Rotated,
             Meanwhile::Revoked,
@@ -482,7 +457,12 @@ mod postgres_only {
                         match meanwhile {
                             Meanwhile::Rotated => {
                                 let outcome = b
-                                    .rotate(&presented, testing::CLIENT, now, &rotate_to(theirs))
+                                    .rotate(
+                                        &presented,
+                                        testing::CLIENT,
+                                        now,
+                                        &testing::rotate_to(theirs),
+                                    )
                                     .await
                                     .expect("rotate");
                                 assert!(matches!(outcome, RotateOutcome::Rotated { .. }));

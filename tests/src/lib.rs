@@ -434,14 +434,12 @@ impl Running {
     /// A port that [`free_addr`] found free can be taken by another test's socket before the
     /// binary binds it: then the binary exits at once, and it is started again on new ports.
     pub async fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Running {
-        for _ in 0..4 {
+        for _ in 0..5 {
             if let Some(r) = Running::try_start(dir, env).await {
                 return r;
             }
         }
-        Running::try_start(dir, env)
-            .await
-            .expect("gateway could not listen on a free port in five attempts")
+        panic!("gateway could not listen on a free port in five attempts")
     }
 
     /// One start; `None` when the binary could not bind one of its ports.
