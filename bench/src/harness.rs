@@ -1,6 +1,6 @@
 //! The whole benchmark: every case alternated with its reference (A B A B) in each repetition,
-//! pinned then unpinned, then the monitoring pairs side by side (see [`run_side_by_side`]), the
-//! memory-per-token subprocesses, and `BENCHMARKS.md`.
+//! pinned then unpinned, then the monitoring pairs and `chain` against `ceiling` side by side
+//! (see [`run_side_by_side`]), the memory-per-token subprocesses, and `BENCHMARKS.md`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -43,8 +43,8 @@ struct Record {
     pair: Option<usize>,
 }
 
-/// A monitoring pair measured side by side (both servers on CPU 0 at once, see
-/// [`run_side_by_side`]): `off` is the reference, `on` the case. A control runs the same case
+/// A pair measured side by side (both servers on CPU 0 at once, see [`run_side_by_side`]):
+/// `off` is the reference, `on` the case. A control runs the same case
 /// on both sides, so it shows what the method itself reads for no difference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SidePair {
@@ -73,7 +73,21 @@ const CHAIN_CONTROL: SidePair = SidePair {
     off: Case::Chain,
     on: Case::Chain,
 };
-const SIDE_PAIRS: [SidePair; 4] = [REFRESH_PAIR, REFRESH_CONTROL, CHAIN_PAIR, CHAIN_CONTROL];
+/// The pass-through chain against bare hyper: the `chain` throughput target read side by side
+/// (its figure is 1 − this pair's cost). `ceiling` runs in every repetition, so the pair runs
+/// whenever `chain` is wanted.
+const CHAIN_VS_CEILING: SidePair = SidePair {
+    label: "pass-through chain vs bare hyper: chain vs ceiling",
+    off: Case::Ceiling,
+    on: Case::Chain,
+};
+const SIDE_PAIRS: [SidePair; 5] = [
+    REFRESH_PAIR,
+    REFRESH_CONTROL,
+    CHAIN_PAIR,
+    CHAIN_CONTROL,
+    CHAIN_VS_CEILING,
+];
 
 /// One side-by-side run: the `off` and `on` server's figures over the one shared window.
 struct SideRecord {
@@ -82,14 +96,16 @@ struct SideRecord {
     result: Result<(Measured, Measured), String>,
 }
 
-/// The side-by-side pairs whose cases are all wanted (they run pinned only).
+/// The side-by-side pairs whose cases are all wanted (they run pinned only; `ceiling` always
+/// runs).
 fn side_pairs(plan: &Plan) -> Vec<SidePair> {
     if !plan.placements.contains(&Placement::Pinned) {
         return Vec::new();
     }
+    let wanted = |c: Case| c == Case::Ceiling || plan.cases.contains(&c);
     SIDE_PAIRS
         .into_iter()
-        .filter(|p| plan.cases.contains(&p.off) && plan.cases.contains(&p.on))
+        .filter(|p| wanted(p.off) && wanted(p.on))
         .collect()
 }
 
@@ -845,12 +861,11 @@ fn report(plan: &Plan, records: &[Record], sides: &[SideRecord], memory: &Memory
     let rs = row(records, p, Case::RefreshSqlite);
     let mon = row(records, p, Case::MetricsOn);
     let mut targets = vec![
-        Target {
-            what: "`chain` throughput",
-            goal: ">= 0.90 × ceiling",
-            figure: chain.ratio.map_or("–".into(), |s| s.show(2)),
-            met: chain.ratio.map(|s| s.med >= 0.90),
-        },
+        chain_target(
+            side_cost(records, sides, CHAIN_VS_CEILING),
+            side_cost(records, sides, CHAIN_CONTROL),
+            chain.ratio,
+        ),
         Target {
             what: "`refresh-memory` throughput",
             goal: ">= 0.50 × ceiling",
@@ -904,22 +919,11 @@ fn report(plan: &Plan, records: &[Record], sides: &[SideRecord], memory: &Memory
         },
     ];
     if plan.placements.contains(&Placement::Unpinned) {
-        let mut worse = Vec::new();
-        let mut all = Vec::new();
-        for case in Case::ALL {
-            if let Some(s) = placement_ratio(records, case) {
-                all.push(format!("{} {} [{}]", case.name(), s.show(2), s.n));
-                if s.med < 0.97 {
-                    worse.push(case.name());
-                }
-            }
-        }
-        targets.push(Target {
-            what: "unpinned not slower than pinned (req/s unpinned ÷ pinned of the same group of runs, a few seconds apart: one pair per repetition, one per group for `ceiling`; median (min–max) [pairs]; 3% noise allowed)",
-            goal: ">= 1.0 for every case",
-            figure: all.join(", "),
-            met: (!all.is_empty()).then_some(worse.is_empty()),
-        });
+        let ratios: Vec<(Case, Spread)> = Case::ALL
+            .into_iter()
+            .filter_map(|case| Some((case, placement_ratio(records, case)?)))
+            .collect();
+        targets.push(unpinned_target(&ratios));
     }
     let _ = writeln!(md, "## Targets (issue 6; pinned, same-run medians)\n");
     let _ = writeln!(md, "| target | goal | figure | status |");
@@ -992,21 +996,99 @@ fn metrics_target(
     }
 }
 
-/// The side-by-side section of the report: each monitoring pair over its repetitions.
+/// The `chain` throughput target (at least 0.90 × `ceiling`): judged side by side when that pair
+/// ran ([`CHAIN_VS_CEILING`]; the ratio is 1 − its cost, the larger of the two estimates of
+/// [`run_cost`], so the smaller ratio), and met only if the chain's control reads within
+/// [`CONTROL_BIAS_PCT`] of zero. Sequential A B A B pairs on this machine spread over ±20%
+/// around a margin of about 5% (the same binary read 0.77 and 0.96 in two full runs), so
+/// their median (`sequential`) is shown beside it.
+fn chain_target(
+    side: Option<Spread>,
+    control: Option<Spread>,
+    sequential: Option<Spread>,
+) -> Target {
+    let what = "`chain` throughput";
+    let goal = ">= 0.90 × ceiling";
+    let seq_text = sequential.map(|s| format!("sequential A B A B: {}", s.show(2)));
+    let Some(cost) = side else {
+        return Target {
+            what,
+            goal,
+            figure: seq_text.unwrap_or_else(|| "–".into()),
+            met: sequential.map(|s| s.med >= 0.90),
+        };
+    };
+    let ratio = Spread {
+        med: 1.0 - cost.med / 100.0,
+        min: 1.0 - cost.max / 100.0,
+        max: 1.0 - cost.min / 100.0,
+        n: cost.n,
+    };
+    let resolved = control.is_some_and(|c| c.med.abs() <= CONTROL_BIAS_PCT);
+    Target {
+        what,
+        goal,
+        figure: format!(
+            "{} side by side; control {}{}{}",
+            ratio.show(2),
+            control.map_or("not run".into(), |c| format!("{}%", c.show(1))),
+            if resolved {
+                String::new()
+            } else {
+                format!(" (not within ±{CONTROL_BIAS_PCT}%: unresolved)")
+            },
+            seq_text.map_or(String::new(), |t| format!("; {t}")),
+        ),
+        met: Some(resolved && ratio.med >= 0.90),
+    }
+}
+
+/// Unpinned ÷ pinned at or above 0.97 (3% noise allowed) for every case the project runs:
+/// the gateway's cases and the store-only reference. `ceiling`'s own figure is shown first
+/// and not judged: its pinned runs already keep both cores busy (server ≈ 98%, generator
+/// ≈ 94%), so unpinned it has no idle CPU to gain and reads what the hypervisor's scheduling
+/// costs (from 0.77 to 1.13 in the full runs of bench/PROFILING.md, mostly below 0.97), which
+/// nothing in this project can change. The gateway's cases stay judged even where their pinned
+/// runs keep both cores as busy (`chain`). Cases below 0.97 are shown in bold.
+fn unpinned_target(ratios: &[(Case, Spread)]) -> Target {
+    let show = |case: Case, s: &Spread| format!("{} {} [{}]", case.name(), s.show(2), s.n);
+    let mut figure = Vec::new();
+    let mut judged = 0;
+    let mut worse = 0;
+    for (case, s) in ratios {
+        if *case == Case::Ceiling {
+            figure.insert(0, format!("reference (not judged): {}", show(*case, s)));
+            continue;
+        }
+        judged += 1;
+        if s.med < 0.97 {
+            worse += 1;
+            figure.push(format!("**{}**", show(*case, s)));
+        } else {
+            figure.push(show(*case, s));
+        }
+    }
+    Target {
+        what: "unpinned not slower than pinned (req/s unpinned ÷ pinned of the same group of runs, a few seconds apart: one pair per repetition, one per group for `ceiling`; median (min–max) [pairs]; 3% noise allowed)",
+        goal: ">= 1.0 for every case of the project",
+        figure: figure.join(", "),
+        met: (judged > 0).then_some(worse == 0),
+    }
+}
+
+/// The side-by-side section of the report: each pair over its repetitions.
 fn side_section(md: &mut String, plan: &Plan, records: &[Record], sides: &[SideRecord]) {
     let pairs = side_pairs(plan);
     if pairs.is_empty() {
         return;
     }
     let c = plan.timing.conns;
-    let _ = writeln!(
-        md,
-        "## Side by side: monitoring on and off at once on CPU 0\n"
-    );
+    let _ = writeln!(md, "## Side by side: two servers at once on CPU 0\n");
     let _ = writeln!(
         md,
         "Sequential runs of the two sides are seconds apart, and this shared VM drifts by more \
-         than the 3% the metrics targets ask to resolve between them. Here both servers run at \
+         than the 3% the metrics targets ask to resolve between them, and by more than the few \
+         per cent `chain` costs over bare hyper. Here both servers run at \
          once, each `taskset -c 0` with one worker, fed by one load generator on CPU 1 that \
          shares its {c} connections out between them in turn, over one measured window: \
          whatever slows the core in that window slows both. Every repetition runs each pair \
@@ -1015,12 +1097,14 @@ fn side_section(md: &mut String, plan: &Plan, records: &[Record], sides: &[SideR
          bias and noise.\n\n\
          **Cost** (an estimate, in % of req/s): per run the larger of Δ ÷ (c + Δ) and \
          1 − req/s on ÷ off, where Δ = server CPU µs per request on − off side by side and \
-         c = the off case's CPU µs per request alone (its pinned run of the same \
+         c = the off case's CPU µs per request alone (its first pinned run of the same \
          repetition). The first is exact if sharing the core adds the same CPU to every \
          request of both servers, the second if it multiplies both servers' costs by one \
          factor; *sharing* = side-by-side off CPU per request ÷ c shows how much it adds. \
-         A target is met when the median cost is at most 3% and its control's median is \
-         within ±{CONTROL_BIAS_PCT}%.\n"
+         A metrics target is met when the median cost is at most 3% and its control's median \
+         is within ±{CONTROL_BIAS_PCT}%; the `chain` target when 1 − the median cost of \
+         chain vs ceiling is at least 0.90 and the chain's control is within \
+         ±{CONTROL_BIAS_PCT}%.\n"
     );
     let _ = writeln!(
         md,
@@ -1341,5 +1425,98 @@ mod tests {
         assert_eq!(seq(0.96), Some(false));
         let inv = Spread::of(&[0.8, 1.25]).unwrap().inverse();
         assert!((inv.min - 0.8).abs() < 1e-9 && (inv.max - 1.25).abs() < 1e-9);
+    }
+
+    /// The chain's ratio is 1 − its side-by-side cost against `ceiling`, judged only with its
+    /// control near zero; the sequential median is shown but decides only when no side-by-side
+    /// run was made.
+    #[test]
+    fn chain_target_is_judged_side_by_side() {
+        let one = |v: f64| Spread::of(&[v]);
+        let t = |cost, control: Option<f64>, seq: f64| {
+            chain_target(one(cost), control.and_then(one), one(seq))
+        };
+        let met = t(5.0, Some(0.2), 0.85);
+        assert_eq!(met.met, Some(true));
+        assert!(
+            met.figure.starts_with("0.95 side by side"),
+            "{}",
+            met.figure
+        );
+        assert!(
+            met.figure.contains("sequential A B A B: 0.85"),
+            "{}",
+            met.figure
+        );
+        assert_eq!(
+            t(12.0, Some(0.2), 0.95).met,
+            Some(false),
+            "0.88 side by side"
+        );
+        assert_eq!(t(5.0, Some(1.5), 0.95).met, Some(false), "biased control");
+        assert_eq!(t(5.0, None, 0.95).met, Some(false), "no control");
+        let spread = chain_target(Spread::of(&[2.0, 8.0, 4.0]), one(0.0), None);
+        assert!(
+            spread.figure.starts_with("0.96 (0.92–0.98)"),
+            "{}",
+            spread.figure
+        );
+        let seq = |r: f64| chain_target(None, None, one(r)).met;
+        assert_eq!(seq(0.91), Some(true));
+        assert_eq!(seq(0.85), Some(false));
+        assert_eq!(chain_target(None, None, None).met, None);
+    }
+
+    /// Every case of the project is judged at 0.97 and shown in bold below it; `ceiling`'s
+    /// own figure is shown first and judges nothing.
+    #[test]
+    fn unpinned_target_judges_the_projects_cases_not_the_reference() {
+        let one = |v: f64| Spread::of(&[v]).unwrap();
+        let t = unpinned_target(&[(Case::Ceiling, one(0.90)), (Case::Chain, one(1.05))]);
+        assert_eq!(t.met, Some(true));
+        assert_eq!(
+            t.figure,
+            "reference (not judged): ceiling 0.90 [1], chain 1.05 [1]"
+        );
+        let t = unpinned_target(&[
+            (Case::Ceiling, one(1.20)),
+            (Case::Chain, one(0.95)),
+            (Case::RefreshPostgres, one(0.97)),
+        ]);
+        assert_eq!(t.met, Some(false));
+        assert!(t.figure.contains("**chain 0.95 [1]**"), "{}", t.figure);
+        assert!(
+            t.figure.ends_with(", refresh-postgres 0.97 [1]"),
+            "{}",
+            t.figure
+        );
+        assert_eq!(unpinned_target(&[(Case::Ceiling, one(1.0))]).met, None);
+    }
+
+    /// `chain` vs `ceiling` runs whenever `chain` is wanted, though `ceiling` is never listed.
+    #[test]
+    fn side_pairs_run_chain_against_ceiling_whenever_chain_is_wanted() {
+        let plan = |cases: Vec<Case>, placements| Plan {
+            reps: 1,
+            timing: Timing {
+                warmup: Duration::ZERO,
+                duration: Duration::ZERO,
+                conns: 2,
+            },
+            cases,
+            placements,
+            mem_pairs: 0,
+            pg_url: String::new(),
+            out: PathBuf::new(),
+            command: String::new(),
+            quick: true,
+            commit: String::new(),
+        };
+        let pinned = vec![Placement::Pinned];
+        let pairs = side_pairs(&plan(vec![Case::Chain], pinned.clone()));
+        assert_eq!(pairs, vec![CHAIN_CONTROL, CHAIN_VS_CEILING]);
+        assert!(side_pairs(&plan(vec![Case::RefreshMemory], pinned)).is_empty());
+        let unpinned = plan(vec![Case::Chain], vec![Placement::Unpinned]);
+        assert!(side_pairs(&unpinned).is_empty());
     }
 }
