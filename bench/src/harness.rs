@@ -978,23 +978,31 @@ fn metrics_target(
             met: sequential.map(|s| 1.0 - s.med <= 0.03),
         };
     };
-    let resolved = control.is_some_and(|c| c.med.abs() <= CONTROL_BIAS_PCT);
+    let (resolved, rest) = control_and_sequential(control, seq_text);
     Target {
         what,
         goal,
-        figure: format!(
-            "{}% estimated side by side; control {}{}{}",
-            cost.show(1),
-            control.map_or("not run".into(), |c| format!("{}%", c.show(1))),
-            if resolved {
-                String::new()
-            } else {
-                format!(" (not within ±{CONTROL_BIAS_PCT}%: unresolved)")
-            },
-            seq_text.map_or(String::new(), |t| format!("; {t}")),
-        ),
+        figure: format!("{}% estimated side by side; {rest}", cost.show(1)),
         met: Some(resolved && cost.med <= 3.0),
     }
+}
+
+/// Whether a side-by-side target's `control` reads within [`CONTROL_BIAS_PCT`] of zero (a
+/// target is resolved only then), and the rest of its figure after the side-by-side estimate:
+/// the control, whether it resolves, and the sequential reading (`seq_text`) if any.
+fn control_and_sequential(control: Option<Spread>, seq_text: Option<String>) -> (bool, String) {
+    let resolved = control.is_some_and(|c| c.med.abs() <= CONTROL_BIAS_PCT);
+    let text = format!(
+        "control {}{}{}",
+        control.map_or("not run".into(), |c| format!("{}%", c.show(1))),
+        if resolved {
+            String::new()
+        } else {
+            format!(" (not within ±{CONTROL_BIAS_PCT}%: unresolved)")
+        },
+        seq_text.map_or(String::new(), |t| format!("; {t}")),
+    );
+    (resolved, text)
 }
 
 /// The `chain` throughput target (at least 0.90 × `ceiling`): judged side by side when that pair
@@ -1039,21 +1047,11 @@ fn chain_target(
         max: 1.0 - cost.min / 100.0,
         n: cost.n,
     };
-    let resolved = control.is_some_and(|c| c.med.abs() <= CONTROL_BIAS_PCT);
+    let (resolved, rest) = control_and_sequential(control, seq_text);
     Target {
         what,
         goal,
-        figure: format!(
-            "{} side by side; control {}{}{}",
-            ratio.show(2),
-            control.map_or("not run".into(), |c| format!("{}%", c.show(1))),
-            if resolved {
-                String::new()
-            } else {
-                format!(" (not within ±{CONTROL_BIAS_PCT}%: unresolved)")
-            },
-            seq_text.map_or(String::new(), |t| format!("; {t}")),
-        ),
+        figure: format!("{} side by side; {rest}", ratio.show(2)),
         met: Some(resolved && ratio.med >= 0.90),
     }
 }
