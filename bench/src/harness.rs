@@ -36,10 +36,10 @@ struct Record {
     placement: Placement,
     case: Case,
     result: Result<Measured, String>,
-    /// Index of the `ceiling` run just before (same repetition and placement).
+    /// Index of the `ceiling` run of its group (same repetition and placement): just before
+    /// it, or just after it when the group runs backwards (see [`schedule`]).
     ceiling: Option<usize>,
-    /// Index of the case's own reference run: `sqlite-ref` for `refresh-sqlite`,
-    /// `metrics-off` for `metrics-on`.
+    /// Index of the case's own reference run (see [`reference_of`]).
     pair: Option<usize>,
 }
 
@@ -182,10 +182,11 @@ fn side_cost(records: &[Record], sides: &[SideRecord], pair: SidePair) -> Option
     })
 }
 
-/// The order of one repetition, in groups that each placement runs whole before the next
-/// group starts: every case right after a fresh `ceiling` run (A B A B), the metrics pair in
-/// adjacent runs in alternating order, and the store-only reference right before the SQLite
-/// case.
+/// The groups of one repetition, each a `ceiling` run and the cases divided by it: every case
+/// right after a fresh `ceiling` run (A B A B), the metrics pair in adjacent runs in
+/// alternating order, and the store-only reference right before the SQLite case. `chain` and
+/// `chain-metrics-off` have a group each, so that each is its group's last case (see
+/// [`schedule`]).
 fn groups(rep: usize, wanted: &[Case]) -> Vec<Vec<Case>> {
     let metrics = if rep.is_multiple_of(2) {
         [Case::MetricsOff, Case::MetricsOn]
@@ -193,7 +194,8 @@ fn groups(rep: usize, wanted: &[Case]) -> Vec<Vec<Case>> {
         [Case::MetricsOn, Case::MetricsOff]
     };
     let groups: Vec<Vec<Case>> = vec![
-        vec![Case::Chain, Case::ChainMetricsOff],
+        vec![Case::Chain],
+        vec![Case::ChainMetricsOff],
         vec![Case::RefreshMemory],
         metrics.to_vec(),
         vec![Case::SqliteRef, Case::RefreshSqlite],
@@ -211,6 +213,70 @@ fn groups(rep: usize, wanted: &[Case]) -> Vec<Vec<Case>> {
         out.push(vec![Case::Ceiling]);
     }
     out
+}
+
+/// The runs of one repetition in order, as (group, placement, case): each group runs in every
+/// placement before the next group starts, pinned first in every other group, so that
+/// unpinned ÷ pinned compares runs seconds apart, not minutes (this VM drifts by more than the
+/// ratio's 3% allowance within minutes). The second placement runs its group backwards, so
+/// that the group's last case runs in both placements back to back: this host's speed jumps
+/// by up to 25% between runs seconds apart, and the fewer runs between the two halves of a
+/// pair, the fewer pairs straddle a jump.
+fn schedule(
+    rep: usize,
+    wanted: &[Case],
+    placements: &[Placement],
+) -> Vec<(usize, Placement, Case)> {
+    let mut out = Vec::new();
+    for (g, group) in groups(rep, wanted).into_iter().enumerate() {
+        let mut order = placements.to_vec();
+        if (rep + g) % 2 == 1 {
+            order.reverse();
+        }
+        for (i, &placement) in order.iter().enumerate() {
+            let mut cases = group.clone();
+            if i % 2 == 1 {
+                cases.reverse();
+            }
+            out.extend(cases.into_iter().map(|case| (g, placement, case)));
+        }
+    }
+    out
+}
+
+/// The case a run is read against, besides `ceiling`: `sqlite-ref` for `refresh-sqlite`,
+/// `metrics-off` for `metrics-on`, `chain` for `chain-metrics-off`.
+fn reference_of(case: Case) -> Option<Case> {
+    match case {
+        Case::RefreshSqlite => Some(Case::SqliteRef),
+        Case::MetricsOn => Some(Case::MetricsOff),
+        Case::ChainMetricsOff => Some(Case::Chain),
+        _ => None,
+    }
+}
+
+/// Points each run at the successful runs it is divided by: the `ceiling` run of its own group
+/// and placement (before or after it, see [`schedule`]), and its reference case's run in the
+/// same repetition and placement.
+fn link(records: &mut [Record]) {
+    let find = |records: &[Record], r: &Record, case: Case, same_group: bool| {
+        records.iter().position(|o| {
+            o.case == case
+                && o.rep == r.rep
+                && o.placement == r.placement
+                && (!same_group || o.group == r.group)
+                && o.result.is_ok()
+        })
+    };
+    for i in 0..records.len() {
+        let r = &records[i];
+        let ceiling = (r.case != Case::Ceiling)
+            .then(|| find(records, r, Case::Ceiling, true))
+            .flatten();
+        let pair = reference_of(r.case).and_then(|c| find(records, r, c, false));
+        records[i].ceiling = ceiling;
+        records[i].pair = pair;
+    }
 }
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -297,84 +363,44 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
     let total: usize = plan.reps
         * (plan.placements.len() * groups(0, &plan.cases).concat().len() + 2 * pairs.len());
     let mut done = 0;
-    // Each group of runs (a `ceiling` run and the cases divided by it) runs in every placement
-    // in turn before the next group starts, pinned first in every other group, so that
-    // unpinned ÷ pinned compares runs a few seconds apart, not two sections of a repetition
-    // minutes apart: this VM drifts by more than the ratio's 3% allowance within minutes.
     for rep in 0..plan.reps {
-        for (g, group) in groups(rep, &plan.cases).into_iter().enumerate() {
-            let mut placements = plan.placements.clone();
-            if (rep + g) % 2 == 1 {
-                placements.reverse();
+        for (group, placement, case) in schedule(rep, &plan.cases, &plan.placements) {
+            done += 1;
+            eprint!(
+                "[{done}/{total}] {:<8} rep {} {:<16} ",
+                placement.name(),
+                rep + 1,
+                case.name()
+            );
+            let result = run_case(
+                bins,
+                case,
+                placement,
+                &plan.timing,
+                &plan.pg_url,
+                &RunOptions::default(),
+            )
+            .map_err(|e| format!("{e:#}"));
+            match &result {
+                Ok(m) => eprintln!(
+                    "{:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  non-2xx {}",
+                    m.outcome.rps(),
+                    m.outcome.p50_us,
+                    m.outcome.p99_us,
+                    m.server_cpu_us_per_req,
+                    m.outcome.non_2xx
+                ),
+                Err(e) => eprintln!("FAILED: {}", e.lines().next().unwrap_or("")),
             }
-            for placement in placements {
-                let mut last_ceiling = None;
-                let mut last_sqlite_ref = None;
-                let mut last_chain = None;
-                let mut last_metrics_off = None;
-                let mut last_metrics_on = None;
-                for &case in &group {
-                    done += 1;
-                    eprint!(
-                        "[{done}/{total}] {:<8} rep {} {:<16} ",
-                        placement.name(),
-                        rep + 1,
-                        case.name()
-                    );
-                    let result = run_case(
-                        bins,
-                        case,
-                        placement,
-                        &plan.timing,
-                        &plan.pg_url,
-                        &RunOptions::default(),
-                    )
-                    .map_err(|e| format!("{e:#}"));
-                    match &result {
-                        Ok(m) => eprintln!(
-                            "{:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  non-2xx {}",
-                            m.outcome.rps(),
-                            m.outcome.p50_us,
-                            m.outcome.p99_us,
-                            m.server_cpu_us_per_req,
-                            m.outcome.non_2xx
-                        ),
-                        Err(e) => eprintln!("FAILED: {}", e.lines().next().unwrap_or("")),
-                    }
-                    let idx = records.len();
-                    let pair = match case {
-                        Case::ChainMetricsOff => last_chain,
-                        Case::RefreshSqlite => last_sqlite_ref,
-                        Case::MetricsOn => last_metrics_off,
-                        Case::MetricsOff => last_metrics_on,
-                        _ => None,
-                    };
-                    let ok = result.is_ok();
-                    records.push(Record {
-                        rep,
-                        group: g,
-                        placement,
-                        case,
-                        result,
-                        ceiling: if case == Case::Ceiling {
-                            None
-                        } else {
-                            last_ceiling
-                        },
-                        pair,
-                    });
-                    if ok {
-                        match case {
-                            Case::Ceiling => last_ceiling = Some(idx),
-                            Case::SqliteRef => last_sqlite_ref = Some(idx),
-                            Case::Chain => last_chain = Some(idx),
-                            Case::MetricsOff => last_metrics_off = Some(idx),
-                            Case::MetricsOn => last_metrics_on = Some(idx),
-                            _ => {}
-                        }
-                    }
-                }
-            }
+            records.push(Record {
+                rep,
+                group,
+                placement,
+                case,
+                result,
+                ceiling: None,
+                pair: None,
+            });
         }
         for (&pair, on_first) in pairs
             .iter()
@@ -401,18 +427,7 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
             sides.push(r);
         }
     }
-    // When metrics-on ran first, metrics-off points at it; turn it round so that every
-    // metrics pair is read as on / off.
-    let swaps: Vec<(usize, usize)> = records
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.case == Case::MetricsOff)
-        .filter_map(|(i, r)| r.pair.map(|p| (i, p)))
-        .collect();
-    for (off, on) in swaps {
-        records[off].pair = None;
-        records[on].pair = Some(off);
-    }
+    link(&mut records);
 
     eprintln!(
         "memory per token: {} pairs in fresh processes",
@@ -641,7 +656,8 @@ fn report(plan: &Plan, records: &[Record], sides: &[SideRecord], memory: &Memory
          the previous answer is complete). Every server and store is fresh for every run. \
          A repetition runs its cases in groups, each a `ceiling` run and the cases divided by \
          it; each group runs pinned, then unpinned (the other way round every other group), \
-         before the next one starts.{}",
+         before the next one starts, the second placement backwards, so that the group's last \
+         case runs in both placements back to back.{}",
         plan.reps,
         plan.timing.warmup.as_secs_f64(),
         plan.timing.duration.as_secs_f64(),
@@ -1332,6 +1348,89 @@ mod tests {
         assert!((s.min - 0.9).abs() < 1e-9 && (s.max - 1.1).abs() < 1e-9);
         assert!((s.med - 1.0).abs() < 1e-9);
         assert!(placement_ratio(&records, Case::Ceiling).is_none());
+    }
+
+    /// Every case runs once per placement and repetition, and each group's last case runs in
+    /// both placements back to back, whichever placement goes first; `chain` and
+    /// `chain-metrics-off` are each the last case of their group.
+    #[test]
+    fn each_groups_last_case_runs_in_both_placements_back_to_back() {
+        let both = [Placement::Pinned, Placement::Unpinned];
+        for rep in 0..4 {
+            let runs = schedule(rep, &Case::ALL, &both);
+            for case in Case::ALL.into_iter().filter(|&c| c != Case::Ceiling) {
+                for placement in both {
+                    let n = runs
+                        .iter()
+                        .filter(|&&(_, p, c)| p == placement && c == case)
+                        .count();
+                    assert_eq!(n, 1, "{} {}", case.name(), placement.name());
+                }
+            }
+            let groups = groups(rep, &Case::ALL);
+            let mut firsts = Vec::new();
+            for (g, group) in groups.iter().enumerate() {
+                let at: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].0 == g).collect();
+                assert_eq!(at.len(), 2 * group.len());
+                let middle = at[group.len() - 1];
+                let (a, b) = (runs[middle], runs[middle + 1]);
+                assert_eq!(a.2, *group.last().unwrap());
+                assert_eq!(b.2, a.2);
+                assert_ne!(a.1, b.1);
+                // Every group starts with its `ceiling` run and ends with it.
+                assert_eq!(runs[at[0]].2, Case::Ceiling);
+                assert_eq!(runs[*at.last().unwrap()].2, Case::Ceiling);
+                firsts.push(a.1);
+            }
+            assert!(firsts.contains(&Placement::Pinned) && firsts.contains(&Placement::Unpinned));
+            for case in [Case::Chain, Case::ChainMetricsOff] {
+                assert!(groups.iter().any(|g| g == &vec![Case::Ceiling, case]));
+            }
+        }
+    }
+
+    /// A run is divided by the successful `ceiling` run of its own group and placement, even
+    /// when that run comes after it, and by its reference case's run of the same repetition
+    /// and placement, never by another placement's or repetition's.
+    #[test]
+    fn link_divides_by_the_runs_of_the_same_group_and_placement() {
+        use Placement::{Pinned, Unpinned};
+        let mut records = vec![
+            record(0, 0, Pinned, Case::Ceiling, Some(100)),
+            record(0, 0, Pinned, Case::Chain, Some(100)),
+            record(0, 0, Unpinned, Case::Chain, Some(100)),
+            record(0, 0, Unpinned, Case::Ceiling, Some(100)),
+            record(0, 1, Unpinned, Case::Ceiling, Some(100)),
+            record(0, 1, Unpinned, Case::ChainMetricsOff, Some(100)),
+            record(0, 1, Pinned, Case::ChainMetricsOff, Some(100)),
+            record(0, 1, Pinned, Case::Ceiling, None),
+            record(0, 2, Pinned, Case::Ceiling, Some(100)),
+            record(0, 2, Pinned, Case::MetricsOn, Some(100)),
+            record(0, 2, Pinned, Case::MetricsOff, Some(100)),
+            record(1, 0, Pinned, Case::Chain, Some(100)),
+        ];
+        link(&mut records);
+        let links: Vec<(Option<usize>, Option<usize>)> =
+            records.iter().map(|r| (r.ceiling, r.pair)).collect();
+        assert_eq!(
+            links,
+            [
+                (None, None),
+                (Some(0), None),
+                (Some(3), None),
+                (None, None),
+                (None, None),
+                (Some(4), Some(2)),
+                // Its group's pinned `ceiling` run failed: no ratio to `ceiling`.
+                (None, Some(1)),
+                (None, None),
+                (None, None),
+                (Some(8), Some(10)),
+                (Some(8), None),
+                // No `ceiling` or other run in its repetition.
+                (None, None),
+            ]
+        );
     }
 
     /// `ceiling` runs in every group: each group's unpinned run is divided by the pinned run of
