@@ -183,8 +183,8 @@ fn side_cost(records: &[Record], sides: &[SideRecord], pair: SidePair) -> Option
 }
 
 /// The groups of one repetition, each a `ceiling` run and the cases divided by it: every case
-/// right after a fresh `ceiling` run (A B A B), the metrics pair in adjacent runs in
-/// alternating order, and the store-only reference right before the SQLite case. `chain` and
+/// next to a fresh `ceiling` run (A B A B), the metrics pair in adjacent runs in alternating
+/// order, and the store-only reference next to the SQLite case. `chain` and
 /// `chain-metrics-off` have a group each, so that each is its group's last case (see
 /// [`schedule`]).
 fn groups(rep: usize, wanted: &[Case]) -> Vec<Vec<Case>> {
