@@ -6,14 +6,15 @@
 //! cargo run --release -p bench -- --quick # smoke: 1 repetition, 1 s + 2 s, small memory test
 //! ```
 //!
-//! It builds the `gateway` binary into its own target dir first, then runs, for each placement
-//! (pinned: server on CPU 0 with one worker, generator on CPU 1; unpinned: two of each), each
-//! repetition as `ceiling, chain, chain-metrics-off, ceiling, refresh-memory, ceiling,
-//! metrics-off, metrics-on, ceiling, sqlite-ref, refresh-sqlite, ceiling, refresh-postgres`, and
-//! reports every case as a ratio to the run of its reference right before it. Each repetition
-//! ends with the monitoring pairs side by side (both servers on CPU 0 at once, each pair both
-//! ways, and for each a control of one case beside itself), from which the metrics-cost targets
-//! are judged.
+//! It builds the `gateway` binary into its own target dir first, then runs each repetition in
+//! groups, each a `ceiling` run and the cases divided by it: `chain`; `chain-metrics-off`;
+//! `refresh-memory`; `metrics-off, metrics-on`; `sqlite-ref, refresh-sqlite`;
+//! `refresh-postgres`. Each group runs in both placements (pinned: server on CPU 0 with one
+//! worker, generator on CPU 1; unpinned: two of each), the second backwards, and every case is
+//! reported as a ratio to the run of its reference next to it. Each repetition ends with the
+//! pairs measured side by side (both servers on CPU 0 at once, each pair both ways, and a
+//! control of one case beside itself), from which the metrics-cost and `chain` targets are
+//! judged.
 //!
 //! Subcommands are the pieces it runs in their own processes (and that you can run alone):
 //! `one CASE` (one run, JSON; `--perf FILE` records the server with `perf`), `side A B` (two
