@@ -41,6 +41,20 @@ struct Record {
     ceiling: Option<usize>,
     /// Index of the case's own reference run (see [`reference_of`]).
     pair: Option<usize>,
+    /// The CPU 0 ↔ CPU 1 round trip right before and right after the run, ns
+    /// ([`crate::hostprobe`]); `None` where the probe failed.
+    host: [Option<f64>; 2],
+}
+
+/// Where the two vCPUs were during a run: `Some(false)` near (sharing a cache) before and
+/// after it, `Some(true)` far before and after, `None` if the hypervisor moved them in between
+/// or a probe failed.
+fn far_throughout(r: &Record) -> Option<bool> {
+    let [Some(a), Some(b)] = r.host else {
+        return None;
+    };
+    let (fa, fb) = (a >= crate::hostprobe::FAR_NS, b >= crate::hostprobe::FAR_NS);
+    (fa == fb).then_some(fa)
 }
 
 /// A pair measured side by side (both servers on CPU 0 at once, see [`run_side_by_side`]):
@@ -372,6 +386,7 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
                 rep + 1,
                 case.name()
             );
+            let before = crate::hostprobe::round_trip_ns().ok();
             let result = run_case(
                 bins,
                 case,
@@ -381,6 +396,9 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
                 &RunOptions::default(),
             )
             .map_err(|e| format!("{e:#}"));
+            let after = crate::hostprobe::round_trip_ns().ok();
+            let probes = |ns: Option<f64>| ns.map_or("–".into(), |n| format!("{n:.0}"));
+            eprint!("[CPU 0↔1 {} / {} ns] ", probes(before), probes(after));
             match &result {
                 Ok(m) => eprintln!(
                     "{:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  non-2xx {}",
@@ -400,6 +418,7 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
                 result,
                 ceiling: None,
                 pair: None,
+                host: [before, after],
             });
         }
         for (&pair, on_first) in pairs
@@ -447,14 +466,23 @@ pub fn run(bins: &Bins, plan: &Plan) -> anyhow::Result<String> {
 /// placements ran it (the two runs a few seconds apart): one per repetition for the cases, one
 /// per group for `ceiling`, which every group runs.
 fn placement_ratio(records: &[Record], case: Case) -> Option<Spread> {
-    let rps = |placement: Placement, rep: usize, group: usize| {
-        records
-            .iter()
-            .filter(|r| {
-                r.placement == placement && r.case == case && r.rep == rep && r.group == group
-            })
-            .find_map(ok)
-            .map(|m| m.outcome.rps())
+    placement_ratio_where(records, case, &|_, _| true)
+}
+
+/// [`placement_ratio`] over the pairs whose unpinned and pinned runs pass `keep`.
+fn placement_ratio_where(
+    records: &[Record],
+    case: Case,
+    keep: &dyn Fn(&Record, &Record) -> bool,
+) -> Option<Spread> {
+    let run = |placement: Placement, rep: usize, group: usize| {
+        records.iter().find(|r| {
+            r.placement == placement
+                && r.case == case
+                && r.rep == rep
+                && r.group == group
+                && r.result.is_ok()
+        })
     };
     let mut runs: Vec<(usize, usize)> = records
         .iter()
@@ -466,7 +494,12 @@ fn placement_ratio(records: &[Record], case: Case) -> Option<Spread> {
     let ratios: Vec<f64> = runs
         .into_iter()
         .filter_map(|(rep, group)| {
-            Some(rps(Placement::Unpinned, rep, group)? / rps(Placement::Pinned, rep, group)?)
+            let u = run(Placement::Unpinned, rep, group)?;
+            let p = run(Placement::Pinned, rep, group)?;
+            if !keep(u, p) {
+                return None;
+            }
+            Some(ok(u)?.outcome.rps() / ok(p)?.outcome.rps())
         })
         .collect();
     Spread::of(&ratios)
@@ -801,6 +834,7 @@ fn report(plan: &Plan, records: &[Record], sides: &[SideRecord], memory: &Memory
         }
     }
 
+    host_section(&mut md, plan, records);
     side_section(&mut md, plan, records, sides);
 
     // Idle RSS: the gateway with the token endpoint and a memory store, after start-up.
@@ -1106,6 +1140,77 @@ fn unpinned_target(ratios: &[(Case, Spread)]) -> Target {
     }
 }
 
+/// Where the hypervisor had put the two vCPUs during the runs, and unpinned ÷ pinned over the
+/// pairs whose two runs saw one placement throughout. Shown, never used to drop a run: the
+/// targets read every pair.
+fn host_section(md: &mut String, plan: &Plan, records: &[Record]) {
+    let probes: Vec<f64> = records.iter().flat_map(|r| r.host).flatten().collect();
+    if probes.is_empty() {
+        return;
+    }
+    let far_ns = crate::hostprobe::FAR_NS;
+    let side = |far: bool| {
+        let v: Vec<f64> = probes
+            .iter()
+            .copied()
+            .filter(|&n| (n >= far_ns) == far)
+            .collect();
+        Spread::of(&v).map_or("none".into(), |s| {
+            format!("{:.0} ns ({:.0}–{:.0}) [{}]", s.med, s.min, s.max, s.n)
+        })
+    };
+    let count = |want: Option<bool>| records.iter().filter(|r| far_throughout(r) == want).count();
+    let _ = writeln!(
+        md,
+        "## Where the vCPUs were
+"
+    );
+    let _ = writeln!(
+        md,
+        "Before and after every run, `bench probe` times one cache line going from CPU 0 to \
+         CPU 1 and back: this VM's hypervisor moves the two vCPUs between a placement where they \
+         share a cache and one where they do not, and the servers' CPU per request follows it, \
+         unpinned most (bench/PROFILING.md). Probes: near (< {far_ns:.0} ns) {}, far {}. Runs near before \
+         and after: {}; far before and after: {}; moved during the run (or not probed): {}.\n",
+        side(false),
+        side(true),
+        count(Some(false)),
+        count(Some(true)),
+        count(None)
+    );
+    if !plan.placements.contains(&Placement::Unpinned) {
+        return;
+    }
+    let at = |far: bool| {
+        move |u: &Record, p: &Record| {
+            far_throughout(u) == Some(far) && far_throughout(p) == Some(far)
+        }
+    };
+    let lines: Vec<String> = Case::ALL
+        .into_iter()
+        .filter_map(|case| {
+            placement_ratio(records, case)?;
+            let show = |far: bool| {
+                placement_ratio_where(records, case, &at(far))
+                    .map_or("–".into(), |s| format!("{} [{}]", s.show(2), s.n))
+            };
+            Some(format!(
+                "| `{}` | {} | {} |",
+                case.name(),
+                show(false),
+                show(true)
+            ))
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "Unpinned ÷ pinned over the pairs whose two runs stayed at one placement (the pairs \
+         that straddle a move are left out here only; the target reads them all):\n"
+    );
+    let _ = writeln!(md, "| case | both near | both far |\n|---|---:|---:|");
+    let _ = writeln!(md, "{}\n", lines.join("\n"));
+}
+
 /// The side-by-side section of the report: each pair over its repetitions.
 fn side_section(md: &mut String, plan: &Plan, records: &[Record], sides: &[SideRecord]) {
     let pairs = side_pairs(plan);
@@ -1328,6 +1433,7 @@ mod tests {
             result,
             ceiling: None,
             pair: None,
+            host: [None, None],
         }
     }
 
@@ -1434,6 +1540,49 @@ mod tests {
         );
     }
 
+    /// A run is near or far only if the probes before and after it agree; a pair counts for a
+    /// placement only if both its runs stayed there; the unfiltered ratio reads every pair.
+    #[test]
+    fn pairs_are_split_by_where_the_vcpus_stayed() {
+        use Placement::{Pinned, Unpinned};
+        let at = |rep, placement, requests, host: [Option<f64>; 2]| Record {
+            host,
+            ..record(rep, 0, placement, Case::Chain, Some(requests))
+        };
+        let (near, far) = (Some(55.0), Some(355.0));
+        let records = [
+            at(0, Pinned, 100, [near, near]),
+            at(0, Unpinned, 90, [near, near]),
+            at(1, Pinned, 100, [far, far]),
+            at(1, Unpinned, 120, [far, far]),
+            // Moved during the unpinned run: in neither split.
+            at(2, Pinned, 100, [near, near]),
+            at(2, Unpinned, 200, [near, far]),
+            // Each run at one placement, but not the same one: in neither split.
+            at(3, Pinned, 100, [near, near]),
+            at(3, Unpinned, 300, [far, far]),
+            // A probe that failed: in neither split.
+            at(4, Pinned, 100, [None, near]),
+            at(4, Unpinned, 400, [near, near]),
+        ];
+        assert_eq!(far_throughout(&records[0]), Some(false));
+        assert_eq!(far_throughout(&records[2]), Some(true));
+        assert_eq!(far_throughout(&records[5]), None);
+        assert_eq!(far_throughout(&records[8]), None);
+        let split = |far: bool| {
+            placement_ratio_where(&records, Case::Chain, &|u, p| {
+                far_throughout(u) == Some(far) && far_throughout(p) == Some(far)
+            })
+            .unwrap()
+        };
+        let (n, f) = (split(false), split(true));
+        assert_eq!((n.n, f.n), (1, 1));
+        assert!((n.med - 0.9).abs() < 1e-9 && (f.med - 1.2).abs() < 1e-9);
+        let all = placement_ratio(&records, Case::Chain).unwrap();
+        assert_eq!(all.n, 5);
+        assert!((all.med - 2.0).abs() < 1e-9);
+    }
+
     /// `ceiling` runs in every group: each group's unpinned run is divided by the pinned run of
     /// the same group, never by another group's.
     #[test]
@@ -1473,6 +1622,7 @@ mod tests {
             result: Ok(measured(case, placement, 1000, cpu)),
             ceiling: None,
             pair: None,
+            host: [None, None],
         };
         let records = [
             seq(0, Pinned, Case::MetricsOff, 10.0),

@@ -25,6 +25,7 @@
 
 mod cases;
 mod harness;
+mod hostprobe;
 mod loadgen;
 mod procfs;
 mod storebench;
@@ -54,6 +55,8 @@ usage:
                 per line, in the same order. Secrets stay off the command line, which
                 every user of the machine can read)
   bench sqlite-ref --url URL [--tasks N] [--warmup SECS] [--secs SECS]
+  bench probe   (the round trip of one cache line between CPU 0 and CPU 1, ns: where the
+                hypervisor has put the two vCPUs; the harness runs it around every run)
   bench mem-tokens --kind memory|hashmap|moka [--pairs N]
                 (memory: also the median times of a family revocation and of the purge pass
                 that sweeps it, beside a pass with nothing to sweep)
@@ -134,6 +137,11 @@ fn main() -> anyhow::Result<()> {
         Some("loadgen") => loadgen_cmd(&args),
         Some("sqlite-ref") => sqlite_ref(&args),
         Some("mem-tokens") => mem_tokens(&args),
+        Some("probe") => {
+            let ns = hostprobe::round_trip_ns()?;
+            println!("{}", serde_json::json!({ "cpu0_cpu1_round_trip_ns": ns }));
+            Ok(())
+        }
         Some(other) => bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
