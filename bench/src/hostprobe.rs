@@ -63,6 +63,16 @@ fn await_value(line: &AtomicU64, want: u64) -> bool {
     }
 }
 
+/// Tells the other thread to stop when dropped, however the thread that holds it ends (a
+/// panic included), so that neither is left spinning for a partner that is gone.
+struct StopOnDrop(Arc<AtomicU64>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(STOP, Ordering::Release);
+    }
+}
+
 /// Nanoseconds for one cache line to go from CPU 0 to CPU 1 and back (the median batch).
 /// Both threads are spawned for the probe, so the caller's own affinity is left alone (the
 /// harness's children inherit it).
@@ -72,6 +82,7 @@ pub fn round_trip_ns() -> anyhow::Result<f64> {
     let answer = {
         let line = Arc::clone(&line);
         std::thread::spawn(move || {
+            let _stop = StopOnDrop(Arc::clone(&line));
             let pinned = pin_self(1);
             let ok = pinned.is_ok();
             let _ = ready_tx.send(pinned);
@@ -86,26 +97,24 @@ pub fn round_trip_ns() -> anyhow::Result<f64> {
     let ask = {
         let line = Arc::clone(&line);
         std::thread::spawn(move || -> anyhow::Result<f64> {
+            let _stop = StopOnDrop(Arc::clone(&line));
             let other = ready_rx
                 .recv()
                 .context("the probe's answering thread ended")?;
-            let here = other.and_then(|()| pin_self(0));
-            if let Err(e) = here {
-                line.store(STOP, Ordering::Release);
-                return Err(e);
-            }
+            other.and_then(|()| pin_self(0))?;
             let mut batches = Vec::with_capacity(BATCHES);
             let mut k = 0;
             for _ in 0..BATCHES {
                 let start = Instant::now();
                 for _ in 0..ROUND_TRIPS {
                     line.store(2 * k + 1, Ordering::Release);
-                    await_value(&line, 2 * k + 2);
+                    if !await_value(&line, 2 * k + 2) {
+                        bail!("the probe's answering thread stopped");
+                    }
                     k += 1;
                 }
                 batches.push(start.elapsed().as_nanos() as f64 / ROUND_TRIPS as f64);
             }
-            line.store(STOP, Ordering::Release);
             crate::harness::median(batches).context("no batch")
         })
     };
@@ -120,14 +129,42 @@ pub fn round_trip_ns() -> anyhow::Result<f64> {
 mod tests {
     use super::*;
 
-    /// On a machine with CPUs 0 and 1 the probe reads a plausible round trip; with fewer, it
+    /// Whether this process may run on CPUs 0 and 1 (`Cpus_allowed_list`, e.g. `0-1` or
+    /// `0,2-3`) and `taskset` is there.
+    fn can_pin_0_and_1() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        else {
+            return false;
+        };
+        let allowed = |cpu: u32| {
+            list.trim().split(',').any(|part| {
+                let mut ends = part.split('-').map(|n| n.trim().parse::<u32>().ok());
+                match (ends.next().flatten(), ends.next()) {
+                    (Some(a), None) => a == cpu,
+                    (Some(a), Some(Some(b))) => (a..=b).contains(&cpu),
+                    _ => false,
+                }
+            })
+        };
+        let taskset = Command::new("taskset")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        allowed(0) && allowed(1) && taskset
+    }
+
+    /// Where CPUs 0 and 1 can be pinned the probe reads a plausible round trip; elsewhere it
     /// says that it could not pin (and does not hang).
     #[test]
     fn the_probe_reads_a_round_trip_or_says_why_not() {
-        let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        let two = can_pin_0_and_1();
         match round_trip_ns() {
             Ok(ns) => {
-                assert!(two, "pinned to CPU 1 on a machine without it");
+                assert!(two, "pinned to CPUs 0 and 1 where it cannot");
                 assert!(ns > 1.0 && ns < 1_000_000.0, "{ns} ns");
             }
             Err(e) => {
