@@ -53,7 +53,7 @@ fn far_throughout(r: &Record) -> Option<bool> {
     let [Some(a), Some(b)] = r.host else {
         return None;
     };
-    let (fa, fb) = (a >= crate::hostprobe::FAR_NS, b >= crate::hostprobe::FAR_NS);
+    let (fa, fb) = (crate::hostprobe::far(a), crate::hostprobe::far(b));
     (fa == fb).then_some(fa)
 }
 
@@ -267,25 +267,35 @@ fn reference_of(case: Case) -> Option<Case> {
     }
 }
 
+/// Index of the successful run of `case` in repetition `rep` and `placement`, and in `group`
+/// if one is given.
+fn successful_run(
+    records: &[Record],
+    case: Case,
+    rep: usize,
+    placement: Placement,
+    group: Option<usize>,
+) -> Option<usize> {
+    records.iter().position(|r| {
+        r.case == case
+            && r.rep == rep
+            && r.placement == placement
+            && group.is_none_or(|g| r.group == g)
+            && r.result.is_ok()
+    })
+}
+
 /// Points each run at the successful runs it is divided by: the `ceiling` run of its own group
 /// and placement (before or after it, see [`schedule`]), and its reference case's run in the
 /// same repetition and placement.
 fn link(records: &mut [Record]) {
-    let find = |records: &[Record], r: &Record, case: Case, same_group: bool| {
-        records.iter().position(|o| {
-            o.case == case
-                && o.rep == r.rep
-                && o.placement == r.placement
-                && (!same_group || o.group == r.group)
-                && o.result.is_ok()
-        })
-    };
     for i in 0..records.len() {
         let r = &records[i];
         let ceiling = (r.case != Case::Ceiling)
-            .then(|| find(records, r, Case::Ceiling, true))
+            .then(|| successful_run(records, Case::Ceiling, r.rep, r.placement, Some(r.group)))
             .flatten();
-        let pair = reference_of(r.case).and_then(|c| find(records, r, c, false));
+        let pair =
+            reference_of(r.case).and_then(|c| successful_run(records, c, r.rep, r.placement, None));
         records[i].ceiling = ceiling;
         records[i].pair = pair;
     }
@@ -474,13 +484,7 @@ fn placement_ratio_where(
     keep: &dyn Fn(&Record, &Record) -> bool,
 ) -> Option<Spread> {
     let run = |placement: Placement, rep: usize, group: usize| {
-        records.iter().find(|r| {
-            r.placement == placement
-                && r.case == case
-                && r.rep == rep
-                && r.group == group
-                && r.result.is_ok()
-        })
+        successful_run(records, case, rep, placement, Some(group)).map(|i| &records[i])
     };
     let mut runs: Vec<(usize, usize)> = records
         .iter()
@@ -1152,7 +1156,7 @@ fn host_section(md: &mut String, plan: &Plan, records: &[Record]) {
         let v: Vec<f64> = probes
             .iter()
             .copied()
-            .filter(|&n| (n >= far_ns) == far)
+            .filter(|&n| crate::hostprobe::far(n) == far)
             .collect();
         Spread::of(&v).map_or("none".into(), |s| {
             format!("{:.0} ns ({:.0}–{:.0}) [{}]", s.med, s.min, s.max, s.n)

@@ -28,6 +28,11 @@ const BATCHES: usize = 5;
 /// one side and 320–412 ns on the other; the threshold sits where neither comes near.
 pub const FAR_NS: f64 = 150.0;
 
+/// Whether a round trip of `ns` says the two vCPUs do not share a cache.
+pub fn far(ns: f64) -> bool {
+    ns >= FAR_NS
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_self(cpu: usize) -> anyhow::Result<()> {
     // "/proc/thread-self" links to "PID/task/TID".
