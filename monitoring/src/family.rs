@@ -108,17 +108,33 @@ impl Cell {
     /// Adds one observation of `ns` in bucket `i` to `row` ([`thread_row`]'s number).
     #[inline]
     fn observe_in_row(&self, row: usize, i: usize, ns: u64) {
+        self.add_in_row(row, i, 1, Some(ns));
+    }
+
+    /// Adds `n` (wrapping: `u64::MAX` takes one away) to count `i` in this thread's row, with
+    /// no duration: a [`RowMetric`]'s counts.
+    #[inline]
+    fn add(&self, i: usize, n: u64) {
+        self.add_in_row(thread_row(), i, n, None);
+    }
+
+    #[inline]
+    fn add_in_row(&self, row: usize, i: usize, n: u64, ns: Option<u64>) {
         let shared = self.shards.len() - 1;
         if row < shared {
             // This thread is the row's only writer: a load and a store, no locked instruction.
             let own = &self.shards[row];
             let add = |a: &AtomicU64, v: u64| a.store(a.load(Relaxed).wrapping_add(v), Relaxed);
-            add(&own.counts[i], 1);
-            add(&own.sum_ns, ns);
+            add(&own.counts[i], n);
+            if let Some(ns) = ns {
+                add(&own.sum_ns, ns);
+            }
         } else {
             let all = &self.shards[shared];
-            all.counts[i].fetch_add(1, Relaxed);
-            all.sum_ns.fetch_add(ns, Relaxed);
+            all.counts[i].fetch_add(n, Relaxed);
+            if let Some(ns) = ns {
+                all.sum_ns.fetch_add(ns, Relaxed);
+            }
         }
     }
 
@@ -288,6 +304,108 @@ impl Collector for TimedFamily {
     }
 }
 
+/// A counter family over a closed list of label values, or a gauge, counted in per-thread rows
+/// as a [`Cell`] counts its buckets: a change is a load and a store in the recording thread's
+/// own row, where a `prometheus` counter or gauge is one atomic that every worker writes (on
+/// the refresh grant, three such lines passed between the two vCPUs on every request: the
+/// outcome, the tokens issued and the requests in flight). A scrape sums the rows.
+#[derive(Clone)]
+pub(crate) struct RowMetric(Arc<RowInner>);
+
+struct RowInner {
+    desc: Desc,
+    kind: proto::MetricType,
+    /// The label and its values (one count each), or `None` for a single unlabelled value.
+    label: Option<(&'static str, &'static [&'static str])>,
+    cell: Cell,
+}
+
+impl RowMetric {
+    /// `gateway_..._total{label}`, one count per value (at most [`MAX_COUNTS`]).
+    pub(crate) fn counter(
+        name: &str,
+        help: &str,
+        label: &'static str,
+        values: &'static [&'static str],
+    ) -> prometheus::Result<Self> {
+        assert!(values.len() <= MAX_COUNTS, "at most {MAX_COUNTS} values");
+        let desc = Desc::new(name.into(), help.into(), vec![label.into()], HashMap::new())?;
+        Ok(Self::new(desc, proto::MetricType::COUNTER, Some((label, values))))
+    }
+
+    /// One unlabelled gauge, moved by [`RowMetric::add`] with index 0.
+    pub(crate) fn gauge(name: &str, help: &str) -> prometheus::Result<Self> {
+        let desc = Desc::new(name.into(), help.into(), Vec::new(), HashMap::new())?;
+        Ok(Self::new(desc, proto::MetricType::GAUGE, None))
+    }
+
+    fn new(
+        desc: Desc,
+        kind: proto::MetricType,
+        label: Option<(&'static str, &'static [&'static str])>,
+    ) -> Self {
+        RowMetric(Arc::new(RowInner {
+            desc,
+            kind,
+            label,
+            cell: Cell::new(&[]),
+        }))
+    }
+
+    /// Adds `n` to the count of value `i` (a gauge: index 0, `n` may be negative).
+    #[inline]
+    pub(crate) fn add(&self, i: usize, n: i64) {
+        self.0.cell.add(i, n as u64);
+    }
+
+    /// The count of value `i`, over every row.
+    pub(crate) fn get(&self, i: usize) -> i64 {
+        self.0.cell.count(i) as i64
+    }
+}
+
+impl Collector for RowMetric {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.0.desc]
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        let metric = |i: usize, labels: Vec<proto::LabelPair>| {
+            let mut m = proto::Metric::from_label(labels);
+            let value = self.get(i) as f64;
+            if self.0.kind == proto::MetricType::GAUGE {
+                let mut g = proto::Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            } else {
+                let mut c = proto::Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            }
+            m
+        };
+        let metrics = match self.0.label {
+            None => vec![metric(0, Vec::new())],
+            Some((name, values)) => values
+                .iter()
+                .enumerate()
+                .map(|(i, value)| {
+                    let mut pair = proto::LabelPair::default();
+                    pair.set_name(name.to_owned());
+                    pair.set_value((*value).to_owned());
+                    metric(i, vec![pair])
+                })
+                .collect(),
+        };
+        let mut mf = proto::MetricFamily::default();
+        mf.set_name(self.0.desc.fq_name.clone());
+        mf.set_help(self.0.desc.help.clone());
+        mf.set_field_type(self.0.kind);
+        mf.set_metric(metrics);
+        vec![mf]
+    }
+}
+
 /// Seconds -> nanoseconds for bucket bounds written in seconds.
 pub(crate) const fn ns(seconds: f64) -> u64 {
     (seconds * 1e9) as u64
@@ -425,5 +543,45 @@ mod tests {
         assert_eq!(buckets.len(), LONG.len());
         assert!(buckets.iter().all(|b| b.cumulative_count() == 1));
         assert_eq!(h.get_sample_count(), 2);
+    }
+
+    #[test]
+    fn row_counters_and_gauges_sum_every_threads_row() {
+        static VALUES: [&str; 3] = ["ok", "invalid_grant", "error"];
+        let counter = RowMetric::counter("t_total", "help", "outcome", &VALUES).unwrap();
+        let gauge = RowMetric::gauge("t_in_flight", "help").unwrap();
+        // More threads than owned rows, so that some share the last row; each gauge unit is
+        // taken up on one thread and put down on another, as a request that moved would.
+        let threads = rows_per_cell() * 2;
+        let per_thread = 10_000i64;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (counter, gauge) = (&counter, &gauge);
+                s.spawn(move || {
+                    for k in 0..per_thread {
+                        counter.add((t + k as usize) % 3, 1);
+                        gauge.add(0, if t % 2 == 0 { 1 } else { -1 });
+                    }
+                });
+            }
+        });
+        gauge.add(0, 2);
+        let total: i64 = (0..3).map(|i| counter.get(i)).sum();
+        assert_eq!(total, threads as i64 * per_thread);
+        assert!((0..3).all(|i| counter.get(i) > 0));
+        assert_eq!(gauge.get(0), 2, "ups and downs on different threads cancel");
+
+        let mfs = counter.collect();
+        assert_eq!(mfs[0].name(), "t_total");
+        assert_eq!(mfs[0].get_field_type(), proto::MetricType::COUNTER);
+        let metrics = mfs[0].get_metric();
+        assert_eq!(metrics.len(), 3, "every value is exported, counted or not");
+        assert_eq!(metrics[1].get_label()[0].name(), "outcome");
+        assert_eq!(metrics[1].get_label()[0].value(), "invalid_grant");
+        assert_eq!(metrics[1].get_counter().get_value(), counter.get(1) as f64);
+        let g = gauge.collect();
+        assert_eq!(g[0].get_field_type(), proto::MetricType::GAUGE);
+        assert!(g[0].get_metric()[0].get_label().is_empty());
+        assert_eq!(g[0].get_metric()[0].get_gauge().get_value(), 2.0);
     }
 }

@@ -109,7 +109,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub use clients::{ANONYMOUS, ClientLabel, DEFAULT_MAX_CLIENT_LABELS, MAX_CLIENT_ID_LEN, OTHER};
@@ -120,7 +120,7 @@ pub use tokens::{GRANT_TYPES, RefreshOutcome};
 pub use usage::{CompositeMetrics, CompositeScope, NodeMetrics, ServiceMetrics};
 
 use clients::{Clients, FastMap};
-use family::{FamilyDef, TimedFamily, ns};
+use family::{FamilyDef, RowMetric, TimedFamily, ns};
 use usage::{OutcomeSeries, UsageInner};
 
 /// Content type of [`Monitoring::render`]'s output.
@@ -226,13 +226,13 @@ pub struct Monitoring {
     composites: Names<Box<str>, CompositeMetrics>,
     nodes: NodeNames,
     stores: Names<Box<str>, StoreMetrics>,
-    tokens_issued: Vec<IntCounter>,
-    refresh: Vec<IntCounter>,
+    tokens_issued: RowMetric,
+    refresh: RowMetric,
     store_live: IntGaugeVec,
     store_purged: IntCounterVec,
     store_ops: TimedFamily,
-    in_flight: IntGauge,
-    connections: IntGauge,
+    in_flight: RowMetric,
+    connections: RowMetric,
     reload_ok: IntCounter,
     reload_error: IntCounter,
 }
@@ -296,24 +296,18 @@ impl Monitoring {
             label_names: &["policy", "node", "outcome"],
             bounds_ns: &DURATION_BUCKETS_NS,
         });
-        let issued = reg.counter_vec(
+        let tokens_issued = reg.rows(RowMetric::counter(
             "gateway_tokens_issued_total",
             "Access tokens issued, by grant type.",
-            &["grant_type"],
-        );
-        let tokens_issued = GRANT_TYPES
-            .iter()
-            .map(|g| issued.with_label_values(&[*g]))
-            .collect();
-        let refresh_vec = reg.counter_vec(
+            "grant_type",
+            &GRANT_TYPES,
+        ));
+        let refresh = reg.rows(RowMetric::counter(
             "gateway_refresh_total",
             "Refresh-token requests, by outcome.",
-            &["outcome"],
-        );
-        let refresh = RefreshOutcome::ALL
-            .iter()
-            .map(|o| refresh_vec.with_label_values(&[o.as_str()]))
-            .collect();
+            "outcome",
+            &RefreshOutcome::LABELS,
+        ));
         let store_live = reg.gauge_vec(
             "gateway_store_live_tokens",
             "Live tokens in a token store.",
@@ -333,14 +327,14 @@ impl Monitoring {
             label_names: &["store", "op"],
             bounds_ns: &STORE_BUCKETS_NS,
         });
-        let in_flight = reg.gauge(
+        let in_flight = reg.rows(RowMetric::gauge(
             "gateway_requests_in_flight",
             "Requests being processed that have waited (for a body, a store, a timer).",
-        );
-        let connections = reg.gauge(
+        ));
+        let connections = reg.rows(RowMetric::gauge(
             "gateway_connections_open",
             "Open client connections on the public listener.",
-        );
+        ));
         let reloads = reg.counter_vec(
             "gateway_policy_reloads_total",
             "Policy reloads, by result.",
@@ -485,7 +479,8 @@ impl Monitoring {
     /// One access token issued; an unknown grant type is counted as `other`.
     #[inline]
     pub fn token_issued(&self, grant_type: &str) {
-        self.tokens_issued[tokens::grant_type_index(grant_type)].inc();
+        self.tokens_issued
+            .add(tokens::grant_type_index(grant_type), 1);
     }
 
     /// One refresh request ended with `outcome` (see [`RefreshOutcome::from_label`]).
@@ -496,7 +491,7 @@ impl Monitoring {
 
     #[inline]
     pub fn refresh(&self, outcome: RefreshOutcome) {
-        self.refresh[outcome.index()].inc();
+        self.refresh.add(outcome.index(), 1);
     }
 
     pub fn store_live(&self, store: &str, live: u64) {
@@ -531,20 +526,21 @@ impl Monitoring {
     }
 }
 
-/// Increments a gauge now and decrements it on drop.
+/// Increments a gauge now and decrements it on drop (in the dropping thread's row, which may
+/// not be the incrementing thread's: the rows' sum is what counts).
 #[must_use = "the gauge is decremented when the guard is dropped"]
-pub struct GaugeGuard<'a>(&'a IntGauge);
+pub struct GaugeGuard<'a>(&'a RowMetric);
 
 impl<'a> GaugeGuard<'a> {
-    fn new(gauge: &'a IntGauge) -> Self {
-        gauge.inc();
+    fn new(gauge: &'a RowMetric) -> Self {
+        gauge.add(0, 1);
         GaugeGuard(gauge)
     }
 }
 
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.add(0, -1);
     }
 }
 
@@ -578,8 +574,8 @@ impl Registrar<'_> {
         self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge"))
     }
 
-    fn gauge(&self, name: &str, help: &str) -> IntGauge {
-        self.add(IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge"))
+    fn rows(&self, metric: prometheus::Result<RowMetric>) -> RowMetric {
+        self.add(metric.expect("valid metric"))
     }
 
     fn timed(&self, def: FamilyDef) -> TimedFamily {

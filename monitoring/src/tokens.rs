@@ -55,7 +55,18 @@ impl RefreshOutcome {
         RefreshOutcome::Error,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// The label of each outcome, in the order of [`RefreshOutcome::ALL`].
+    pub(crate) const LABELS: [&'static str; 10] = {
+        let mut labels = [""; 10];
+        let mut i = 0;
+        while i < labels.len() {
+            labels[i] = Self::ALL[i].as_str();
+            i += 1;
+        }
+        labels
+    };
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             RefreshOutcome::Ok => "ok",
             RefreshOutcome::InvalidGrant => "invalid_grant",
@@ -93,6 +104,7 @@ mod tests {
         for (i, o) in RefreshOutcome::ALL.into_iter().enumerate() {
             assert_eq!(RefreshOutcome::from_label(o.as_str()), o);
             assert_eq!(o.index(), i);
+            assert_eq!(RefreshOutcome::LABELS[i], o.as_str());
         }
         assert_eq!(RefreshOutcome::from_label("s3cr3t"), RefreshOutcome::Error);
     }
