@@ -330,7 +330,11 @@ impl RowMetric {
     ) -> prometheus::Result<Self> {
         assert!(values.len() <= MAX_COUNTS, "at most {MAX_COUNTS} values");
         let desc = Desc::new(name.into(), help.into(), vec![label.into()], HashMap::new())?;
-        Ok(Self::new(desc, proto::MetricType::COUNTER, Some((label, values))))
+        Ok(Self::new(
+            desc,
+            proto::MetricType::COUNTER,
+            Some((label, values)),
+        ))
     }
 
     /// One unlabelled gauge, moved by [`RowMetric::add`] with index 0.

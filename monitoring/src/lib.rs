@@ -108,9 +108,7 @@ use std::hash::Hash;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 pub use clients::{ANONYMOUS, ClientLabel, DEFAULT_MAX_CLIENT_LABELS, MAX_CLIENT_ID_LEN, OTHER};
 pub use dashboard::{DASHBOARD_JSON, DASHBOARD_UID, dashboard_queries};

@@ -277,7 +277,8 @@ enum Found {
 /// line, so a worker writing one shard or family took the line of another away from the other
 /// core, and the count's writes took the store's read-mostly fields with them. Each such line
 /// costs a request a transfer between the two vCPUs, which is about 30 ns when they share a
-/// cache and about 175 ns when they do not (`bench probe` times a round trip, two transfers).
+/// cache and about 175 ns when they do not (`bench probe` times a round trip, two transfers);
+/// whole runs did not resolve what padding saved (bench/PROFILING.md, 2026-12-05).
 pub struct MemoryStore {
     shards: Box<[CachePadded<Mutex<Table>>]>,
     shard_map: ShardMap,
@@ -747,11 +748,23 @@ mod tests {
             assert_ne!(line(end), line(next), "two shards share a line");
         }
         for pair in store.locks.windows(2) {
-            assert_ne!(line(at(&pair[0])), line(at(&pair[1])), "two family locks share a line");
+            assert_ne!(
+                line(at(&pair[0])),
+                line(at(&pair[1])),
+                "two family locks share a line"
+            );
         }
         let counts = at(&store.counts);
-        for field in [at(&store.max_tokens), at(&store.revoked_len), at(&store.shard_map)] {
-            assert_ne!(line(field), line(counts), "the count shares a line with a field read");
+        for field in [
+            at(&store.max_tokens),
+            at(&store.revoked_len),
+            at(&store.shard_map),
+        ] {
+            assert_ne!(
+                line(field),
+                line(counts),
+                "the count shares a line with a field read"
+            );
         }
     }
 
