@@ -224,12 +224,7 @@ impl TimedFamily {
             .label_names
             .iter()
             .zip(values)
-            .map(|(name, value)| {
-                let mut pair = proto::LabelPair::default();
-                pair.set_name((*name).to_owned());
-                pair.set_value((*value).to_owned());
-                pair
-            })
+            .map(|(name, value)| label_pair(name, value))
             .collect();
         labels.sort_by(|a, b| a.name().cmp(b.name()));
         table.by_values.insert(key, cell.clone());
@@ -284,14 +279,6 @@ impl Collector for TimedFamily {
                 counters.push(m);
             }
         }
-        let family = |desc: &Desc, kind, metrics| {
-            let mut mf = proto::MetricFamily::default();
-            mf.set_name(desc.fq_name.clone());
-            mf.set_help(desc.help.clone());
-            mf.set_field_type(kind);
-            mf.set_metric(metrics);
-            mf
-        };
         let mut out = vec![family(
             &self.0.histogram,
             proto::MetricType::HISTOGRAM,
@@ -393,21 +380,33 @@ impl Collector for RowMetric {
             Some((name, values)) => values
                 .iter()
                 .enumerate()
-                .map(|(i, value)| {
-                    let mut pair = proto::LabelPair::default();
-                    pair.set_name(name.to_owned());
-                    pair.set_value((*value).to_owned());
-                    metric(i, vec![pair])
-                })
+                .map(|(i, value)| metric(i, vec![label_pair(name, value)]))
                 .collect(),
         };
-        let mut mf = proto::MetricFamily::default();
-        mf.set_name(self.0.desc.fq_name.clone());
-        mf.set_help(self.0.desc.help.clone());
-        mf.set_field_type(self.0.kind);
-        mf.set_metric(metrics);
-        vec![mf]
+        vec![family(&self.0.desc, self.0.kind, metrics)]
     }
+}
+
+/// One exported label.
+fn label_pair(name: &str, value: &str) -> proto::LabelPair {
+    let mut pair = proto::LabelPair::default();
+    pair.set_name(name.to_owned());
+    pair.set_value(value.to_owned());
+    pair
+}
+
+/// One exported family: `desc`'s name and help over `metrics` of `kind`.
+fn family(
+    desc: &Desc,
+    kind: proto::MetricType,
+    metrics: Vec<proto::Metric>,
+) -> proto::MetricFamily {
+    let mut mf = proto::MetricFamily::default();
+    mf.set_name(desc.fq_name.clone());
+    mf.set_help(desc.help.clone());
+    mf.set_field_type(kind);
+    mf.set_metric(metrics);
+    mf
 }
 
 /// Seconds -> nanoseconds for bucket bounds written in seconds.

@@ -118,6 +118,11 @@ impl FileRegistry {
         self.next_check.store(next, Ordering::Relaxed);
     }
 
+    /// Whether the file is due to be compared again ([`RECHECK`] since the last time).
+    fn recheck_due(&self) -> bool {
+        self.since_epoch() >= self.next_check.load(Ordering::Relaxed)
+    }
+
     /// The writers' lock. No code panics while holding it with the registry half-changed (the
     /// content is replaced in one store), so a poisoned lock is taken as it stands.
     fn file(&self) -> MutexGuard<'_, Stamp> {
@@ -129,12 +134,12 @@ impl FileRegistry {
         let Some(path) = &self.path else {
             return;
         };
-        if self.since_epoch() < self.next_check.load(Ordering::Relaxed) {
+        if !self.recheck_due() {
             return;
         }
         let mut stamp_read = self.file();
         // Another caller may have compared while this one waited for the lock.
-        if self.since_epoch() < self.next_check.load(Ordering::Relaxed) {
+        if !self.recheck_due() {
             return;
         }
         self.checked_now();
@@ -160,7 +165,7 @@ impl FileRegistry {
 
     /// Makes the next lookup compare the file (tests: as if [`RECHECK`] had passed).
     #[cfg(test)]
-    fn recheck_due(&self) {
+    fn make_recheck_due(&self) {
         self.next_check.store(0, Ordering::Relaxed);
     }
 
@@ -309,7 +314,7 @@ mod tests {
         assert!(text.contains(&format!("sha256:{}", Digest::of(&secret).to_hex())));
 
         // The gateway sees it once its recheck interval has passed.
-        gateway.recheck_due();
+        gateway.make_recheck_due();
         let got = gateway
             .get(&a.client_id)
             .await
@@ -319,7 +324,7 @@ mod tests {
         assert!(!got.verify_secret("wrong"));
 
         cli.set_enabled(&a.client_id, false).await.unwrap();
-        gateway.recheck_due();
+        gateway.make_recheck_due();
         assert!(!gateway.get(&a.client_id).await.unwrap().unwrap().enabled);
 
         assert!(matches!(
@@ -340,7 +345,7 @@ mod tests {
         let a = app("s");
         r.add(a.clone()).await.unwrap();
         std::fs::write(&path, "applications: [ {client_id: x, unknown_key: 1} ]\n").unwrap();
-        r.recheck_due();
+        r.make_recheck_due();
         assert!(r.get(&a.client_id).await.unwrap().is_some());
         assert!(
             FileRegistry::open(&path).is_err(),
