@@ -2,9 +2,13 @@
 //! (`/healthz`, `/readyz`, `/metrics`, `POST /reload`), which is never served publicly.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,6 +52,34 @@ pub enum Listener {
     Admin,
 }
 
+/// The gateway's state as one connection holds it: a handle of the connection's own around the
+/// shared `Arc<State>`.
+///
+/// A request that waits keeps its handle until it ends. Cloning this one writes a reference
+/// count that only the worker running the connection writes, where cloning the `Arc<State>`
+/// would write the state's own count, a cache line every worker writes on every such request
+/// (the refresh grant is one: its body is read in a request future).
+#[derive(Clone)]
+#[expect(
+    clippy::redundant_allocation,
+    reason = "the outer allocation is the connection's own reference count"
+)]
+pub struct ConnectionState(Arc<Arc<State>>);
+
+impl ConnectionState {
+    fn new(state: &Arc<State>) -> Self {
+        ConnectionState(Arc::new(state.clone()))
+    }
+}
+
+impl Deref for ConnectionState {
+    type Target = Arc<State>;
+
+    fn deref(&self) -> &Arc<State> {
+        &self.0
+    }
+}
+
 /// Accepts connections until `shutdown` flips, then drains: connections stop keep-alive,
 /// in-flight requests finish, and after `drain` whatever is left is dropped.
 pub async fn serve<S>(
@@ -58,7 +90,11 @@ pub async fn serve<S>(
     state: Arc<State>,
     handler: S,
 ) where
-    S: Fn(&Arc<State>, Request<Incoming>, SocketAddr) -> Answer + Clone + Send + Sync + 'static,
+    S: Fn(&ConnectionState, Request<Incoming>, SocketAddr) -> Answer
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 {
     // The durations' clock calibrates once, before the first request rather than in it.
     monitoring::clock::calibrate();
@@ -100,16 +136,16 @@ pub async fn serve<S>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let state2 = state.clone();
+        let state2 = ConnectionState::new(&state);
         let h = handler.clone();
         let phase = Arc::new(conn::Phase::default());
         let served = phase.clone();
         let svc = service_fn(move |req| {
             served.request_started();
             // Not an async block: that would move the handler's future once more per request.
-            // The state by reference: a handler that answers at once touches no shared
-            // reference count (an `Arc` clone per request is a cache line both workers write,
-            // and two locked instructions).
+            // The state by reference: a handler that answers at once touches no reference
+            // count (an `Arc` clone per request is two locked instructions and, for a shared
+            // count, a cache line every worker writes).
             match h(&state2, req, peer) {
                 // Answered already: the connection waits for its next head from here.
                 Either::Left(answer) => {
@@ -158,7 +194,7 @@ pub async fn serve<S>(
 /// A request without a body whose chain never waits (a liveness answer, a chain of `set_*`
 /// nodes, a bearer check over the memory store) is answered before this returns: no request future is built, boxed or moved. Any
 /// other request goes on in one boxed future ([`answer_later`]).
-pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
+pub fn public(state: &ConnectionState, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
     // A guard, not a clone: no shared reference count is written unless the request waits.
     let runtime = state.runtime.load();
     let (parts, body) = req.into_parts();
@@ -199,15 +235,19 @@ pub fn public(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> 
     later(state, runtime, index, start, started)
 }
 
-/// The request goes on in its future ([`answer_later`]), which owns what it needs.
+/// The request goes on in its future ([`answer_later`]), which owns what it needs: its
+/// connection's handle on the state, and the runtime's guard. The guard is not turned into an
+/// `Arc` (a count every worker writes): it holds one of arc-swap's per-thread slots, freed when
+/// the request ends, in its first poll for a request that never waits. A thread with all its
+/// slots taken by waiting requests (SQL stores under load) loads the next runtime with a clone,
+/// as this did before for every request.
 fn later(
-    state: &Arc<State>,
+    state: &ConnectionState,
     runtime: arc_swap::Guard<Arc<Runtime>>,
     index: usize,
     start: Start,
     started: Mark,
 ) -> Answer {
-    let runtime = arc_swap::Guard::into_inner(runtime);
     Either::Right(Box::pin(answer_later(
         state.clone(),
         runtime,
@@ -275,8 +315,8 @@ enum Start {
 /// The rest of a request that has a body to read or a node that waits, under the request
 /// timeout.
 async fn answer_later(
-    state: Arc<State>,
-    runtime: Arc<Runtime>,
+    state: ConnectionState,
+    runtime: arc_swap::Guard<Arc<Runtime>>,
     index: usize,
     start: Start,
     started: Mark,
@@ -284,13 +324,11 @@ async fn answer_later(
     let policy = &runtime.policies[index];
     let limits = &runtime.settings.limits;
     let _in_flight = state.monitoring.in_flight();
-    // From now: the request's own start is a measuring mark, not a clock a timer runs on, and
-    // only the synchronous nodes (microseconds) may have run since.
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(limits.request_timeout_secs.max(1));
+    // Timed from the request's first wait (see `within`).
+    let timeout = Duration::from_secs(limits.request_timeout_secs.max(1));
     let max_body = limits.max_body_bytes;
     // Set once the body is in: a deadline that fires before is the client's delay (408), after
-    // it ours (504). One timer per request covers both.
+    // it ours (504). One timer per request covers both, and only a request that waits has one.
     let body_read = std::sync::atomic::AtomicBool::new(false);
     let work = async {
         let (mut ex, mut walk) = match start {
@@ -312,9 +350,12 @@ async fn answer_later(
         .await;
         Ok(run.unwrap_or_else(|_| Ending::of_walk(&state, policy, &ex, &mut walk, None, started)))
     };
-    let ending = match tokio::time::timeout_at(deadline, work).await {
-        Ok(Ok(ending) | Err(ending)) => ending,
-        Err(_) if !body_read.load(std::sync::atomic::Ordering::Relaxed) => Ending::early(
+    // Pinned here, not moved into `within`: an `async fn`'s argument is kept beside the local
+    // it becomes, and the request's future would carry the walk's state twice (over the size
+    // glibc allocates on its fast path).
+    let ending = match within(std::pin::pin!(work), timeout).await {
+        Some(Ok(ending) | Err(ending)) => ending,
+        None if !body_read.load(std::sync::atomic::Ordering::Relaxed) => Ending::early(
             closing(error(
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request",
@@ -322,7 +363,7 @@ async fn answer_later(
             )),
             started,
         ),
-        Err(_) => Ending::early(
+        None => Ending::early(
             error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
@@ -332,6 +373,30 @@ async fn answer_later(
         ),
     };
     conclude(policy, ending)
+}
+
+/// `work`'s output, or `None` once `timeout` has passed since `work` first waited.
+///
+/// The timer is made on the first poll that finds `work` waiting. A request answered in its
+/// first poll (the refresh grant over the memory store) arms no timer, reads no clock and
+/// clones no tokio handle (a reference count every worker writes, with `timeout_at`'s timer
+/// made up front). The synchronous part before the first wait, microseconds of nodes, is not
+/// timed: a timer cannot interrupt it anyway.
+async fn within<F: Future>(mut work: Pin<&mut F>, timeout: Duration) -> Option<F::Output> {
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep(timeout)));
+        }
+        match timer.as_mut().as_pin_mut() {
+            Some(t) => t.poll(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The request body, within `max_body` bytes; or the answer to send instead.
@@ -484,8 +549,8 @@ fn closing(mut r: Response) -> Response {
 }
 
 /// The admin listener's handler.
-pub fn admin(state: &Arc<State>, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
-    Either::Right(Box::pin(admin_answer(state.clone(), req)))
+pub fn admin(state: &ConnectionState, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
+    Either::Right(Box::pin(admin_answer(Arc::clone(state), req)))
 }
 
 async fn admin_answer(state: Arc<State>, req: Request<Incoming>) -> http::Response<Body> {
@@ -542,5 +607,31 @@ async fn readyz(state: &State) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"ready": false, "stores_unavailable": down}),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work done at its first poll makes no timer: outside any tokio runtime, where making one
+    /// would panic, it still answers.
+    #[test]
+    fn work_done_at_once_arms_no_timer() {
+        let work = std::pin::pin!(std::future::ready(7));
+        let within = std::pin::pin!(within(work, Duration::from_secs(1)));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert_eq!(within.poll(&mut cx), Poll::Ready(Some(7)));
+    }
+
+    /// Work that waits is cut `timeout` after its first wait, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn work_that_waits_is_cut_at_the_timeout() {
+        let started = tokio::time::Instant::now();
+        let work = std::pin::pin!(std::future::pending::<()>());
+        assert_eq!(within(work, Duration::from_secs(3)).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        let work = std::pin::pin!(tokio::time::sleep(Duration::from_secs(2)));
+        assert_eq!(within(work, Duration::from_secs(3)).await, Some(()));
     }
 }

@@ -483,3 +483,54 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     }
     gw.shutdown().await;
 }
+
+/// A request that waits (here for its body) holds a count of its connection's own, not of the
+/// gateway's shared state nor of its runtime: those counts are cache lines every worker would
+/// write on every such request. The connection itself holds one state count, taken when it
+/// was accepted.
+#[tokio::test]
+async fn a_waiting_request_holds_no_count_on_the_shared_state_or_runtime() {
+    use tokio::io::AsyncReadExt;
+    let (_dir, gw) = gateway().await;
+    let counts = || {
+        let runtime = gw.state.runtime.load_full();
+        (
+            std::sync::Arc::strong_count(&gw.state),
+            std::sync::Arc::strong_count(&runtime),
+        )
+    };
+    let mut s = tokio::net::TcpStream::connect(gw.public_addr)
+        .await
+        .unwrap();
+    let answer = async |s: &mut tokio::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).ends_with("b=hi") {
+            let n = tokio::time::timeout(WINDOW, s.read(&mut buf))
+                .await
+                .expect("answered in time")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    };
+    // One answered request: the connection is open and idle.
+    let mut req = form_head(4).into_bytes();
+    req.extend_from_slice(b"b=hi");
+    s.write_all(&req).await.unwrap();
+    answer(&mut s).await;
+    let idle = counts();
+    // The next one waits for the rest of its body.
+    s.write_all(&req[..req.len() - 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        counts(),
+        idle,
+        "(state, runtime) counts while a request waits"
+    );
+    s.write_all(b"hi").await.unwrap();
+    answer(&mut s).await;
+    assert_eq!(counts(), idle);
+    gw.shutdown().await;
+}
