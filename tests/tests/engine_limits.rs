@@ -521,9 +521,18 @@ async fn a_waiting_request_holds_no_count_on_the_shared_state_or_runtime() {
     s.write_all(&req).await.unwrap();
     answer(&mut s).await;
     let idle = counts();
-    // The next one waits for the rest of its body.
+    // The next one waits for the rest of its body, in its request future.
     s.write_all(&req[..req.len() - 2]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = Instant::now();
+    while !gw
+        .state
+        .monitoring
+        .render()
+        .contains("\ngateway_requests_in_flight 1\n")
+    {
+        assert!(waiting.elapsed() < WINDOW, "the request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         counts(),
         idle,
