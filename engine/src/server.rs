@@ -195,7 +195,8 @@ pub async fn serve<S>(
 /// nodes, a bearer check over the memory store) is answered before this returns: no request future is built, boxed or moved. Any
 /// other request goes on in one boxed future ([`answer_later`]).
 pub fn public(state: &ConnectionState, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
-    // A guard, not a clone: no shared reference count is written unless the request waits.
+    // A guard, not a clone: no shared reference count is written, by a request that waits
+    // either (it keeps this guard, see `later`).
     let runtime = state.runtime.load();
     let (parts, body) = req.into_parts();
     let index = match route(&runtime, &parts) {
