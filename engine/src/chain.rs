@@ -1,9 +1,7 @@
 //! Runs one request through its policy's chain of nodes.
 
-use std::time::Duration;
-
 use filters::{Exchange, FilterError, Flow, Response};
-use monitoring::clock::Mark;
+use monitoring::clock::{Mark, Span};
 use monitoring::{ClientLabel, Monitoring, Outcome};
 use smallvec::SmallVec;
 
@@ -171,14 +169,14 @@ impl Walk {
     /// A node passed after `elapsed`: it is recorded and the walk moves to its `on_success`
     /// edge.
     #[inline(always)]
-    fn passed(&mut self, node: &Node, elapsed: Duration) {
+    fn passed(&mut self, node: &Node, elapsed: Span) {
         self.contexts.node(node, Outcome::Success, elapsed);
         self.at = node.on_success;
     }
 
     /// Node `i` ended: it joins the trail, and its time is taken when some node records it.
     #[inline(always)]
-    fn node_ended(&mut self, i: usize) -> Duration {
+    fn node_ended(&mut self, i: usize) -> Span {
         if self.keep_trail {
             self.trail.push(i as u16);
         }
@@ -189,7 +187,7 @@ impl Walk {
                 *mark = now;
                 elapsed
             }
-            None => Duration::ZERO,
+            None => Span::ZERO,
         }
     }
 
@@ -204,13 +202,7 @@ impl Walk {
     }
 
     /// A node that broke: an exception, answered with the error's response.
-    fn broke(
-        &mut self,
-        policy: &Policy,
-        node: &Node,
-        e: FilterError,
-        elapsed: Duration,
-    ) -> Finished {
+    fn broke(&mut self, policy: &Policy, node: &Node, e: FilterError, elapsed: Span) -> Finished {
         self.contexts.node(node, Outcome::Exception, elapsed);
         tracing::error!(policy = %policy.name, node = %node.name, kind = node.kind, error = %e, "filter error");
         self.finish(e.to_response(), Outcome::Exception)
@@ -236,7 +228,7 @@ impl Walk {
 struct Contexts {
     /// Inline for up to two node-level contexts (the token endpoint has one): no allocation
     /// per request for the usual policy.
-    seen: SmallVec<[Option<(Outcome, Duration)>; 2]>,
+    seen: SmallVec<[Option<(Outcome, Span)>; 2]>,
 }
 
 impl Contexts {
@@ -247,7 +239,7 @@ impl Contexts {
     }
 
     #[inline]
-    fn node(&mut self, node: &Node, outcome: Outcome, elapsed: Duration) {
+    fn node(&mut self, node: &Node, outcome: Outcome, elapsed: Span) {
         if let Some(m) = &node.metrics {
             m.record(outcome, elapsed);
         }

@@ -21,7 +21,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use monitoring::Outcome;
-use monitoring::clock::Mark;
+use monitoring::clock::{Mark, Span};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -434,7 +434,7 @@ struct Ending {
     outcome: Outcome,
     trail: Vec<u16>,
     client: monitoring::ClientLabel,
-    elapsed: Duration,
+    elapsed: Span,
 }
 
 impl Ending {
@@ -518,7 +518,7 @@ fn conclude(policy: &Policy, ending: Ending) -> http::Response<Body> {
             policy = %policy.name,
             nodes = %nodes.join(">"),
             status = ending.response.status().as_u16(),
-            micros = ending.elapsed.as_micros() as u64,
+            micros = ending.elapsed.as_duration().as_micros() as u64,
             "request"
         );
     }

@@ -9,6 +9,10 @@
 //! observation may see its bucket without its sum (off by one observation for one scrape),
 //! which Prometheus tolerates.
 //!
+//! Durations arrive as [`Span`]s, in the clock's ticks: the bucket bounds are converted to ticks
+//! once per family, and so is the sum kept, in ticks, converted to seconds at scrape time. An
+//! observation converts nothing.
+//!
 //! Each series keeps one such row per recording thread ([`Shard`]): the first threads that
 //! record (the runtime's workers) each get a row of their own, which only they write, so an
 //! observation is two plain additions instead of two locked read-modify-writes (`lock xadd`,
@@ -18,10 +22,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto;
+
+use crate::clock::{self, Span};
 
 /// Counts a series keeps: the buckets of the longest bound list in use (the store's 16) and
 /// `+Inf`.
@@ -62,28 +67,29 @@ fn thread_row() -> usize {
 }
 
 /// One row of a series: per-bucket counts (not cumulative; `+Inf` right after the last bound)
-/// and the sum. Aligned apart so that two threads' rows never share a cache line (nor the
+/// and the sum (in clock ticks). Aligned apart so that two threads' rows never share a cache line (nor the
 /// line pair the CPU fetches together).
 #[repr(align(128))]
 struct Shard {
-    sum_ns: AtomicU64,
+    sum_ticks: AtomicU64,
     counts: [AtomicU64; MAX_COUNTS],
 }
 
 /// One labelled series (see the module's documentation for its rows).
 pub(crate) struct Cell {
-    bounds_ns: &'static [u64],
+    /// The family's bounds in clock ticks, shared by its series.
+    bounds_ticks: Arc<[u64]>,
     shards: Box<[Shard]>,
 }
 
 impl Cell {
-    /// `bounds_ns` has fewer than [`MAX_COUNTS`] entries ([`TimedFamily::new`] checks).
-    fn new(bounds_ns: &'static [u64]) -> Self {
+    /// `bounds_ticks` has fewer than [`MAX_COUNTS`] entries ([`TimedFamily::new`] checks).
+    fn new(bounds_ticks: Arc<[u64]>) -> Self {
         Cell {
-            bounds_ns,
+            bounds_ticks,
             shards: (0..rows_per_cell())
                 .map(|_| Shard {
-                    sum_ns: AtomicU64::new(0),
+                    sum_ticks: AtomicU64::new(0),
                     counts: std::array::from_fn(|_| AtomicU64::new(0)),
                 })
                 .collect(),
@@ -91,24 +97,24 @@ impl Cell {
     }
 
     #[inline]
-    pub(crate) fn observe(&self, elapsed: Duration) {
-        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        // The `le` bucket: the first bound >= ns (`+Inf` past the end). Scanned from the
+    pub(crate) fn observe(&self, elapsed: Span) {
+        let ticks = elapsed.ticks();
+        // The `le` bucket: the first bound >= ticks (`+Inf` past the end). Scanned from the
         // bottom: the bounds start at 10 µs (store) and 500 µs (requests, nodes) and most
         // observations fall in the first bucket or two, so the scan ends after a compare that
         // the CPU predicts, where a binary search pays four dependent steps every time.
         let i = self
-            .bounds_ns
+            .bounds_ticks
             .iter()
-            .position(|&b| ns <= b)
-            .unwrap_or(self.bounds_ns.len());
-        self.observe_in_row(thread_row(), i, ns);
+            .position(|&b| ticks <= b)
+            .unwrap_or(self.bounds_ticks.len());
+        self.observe_in_row(thread_row(), i, ticks);
     }
 
-    /// Adds one observation of `ns` in bucket `i` to `row` ([`thread_row`]'s number).
+    /// Adds one observation of `ticks` in bucket `i` to `row` ([`thread_row`]'s number).
     #[inline]
-    fn observe_in_row(&self, row: usize, i: usize, ns: u64) {
-        self.add_in_row(row, i, 1, Some(ns));
+    fn observe_in_row(&self, row: usize, i: usize, ticks: u64) {
+        self.add_in_row(row, i, 1, Some(ticks));
     }
 
     /// Adds `n` (wrapping: `u64::MAX` takes one away) to count `i` in this thread's row, with
@@ -119,21 +125,21 @@ impl Cell {
     }
 
     #[inline]
-    fn add_in_row(&self, row: usize, i: usize, n: u64, ns: Option<u64>) {
+    fn add_in_row(&self, row: usize, i: usize, n: u64, ticks: Option<u64>) {
         let shared = self.shards.len() - 1;
         if row < shared {
             // This thread is the row's only writer: a load and a store, no locked instruction.
             let own = &self.shards[row];
             let add = |a: &AtomicU64, v: u64| a.store(a.load(Relaxed).wrapping_add(v), Relaxed);
             add(&own.counts[i], n);
-            if let Some(ns) = ns {
-                add(&own.sum_ns, ns);
+            if let Some(t) = ticks {
+                add(&own.sum_ticks, t);
             }
         } else {
             let all = &self.shards[shared];
             all.counts[i].fetch_add(n, Relaxed);
-            if let Some(ns) = ns {
-                all.sum_ns.fetch_add(ns, Relaxed);
+            if let Some(t) = ticks {
+                all.sum_ticks.fetch_add(t, Relaxed);
             }
         }
     }
@@ -147,10 +153,12 @@ impl Cell {
     }
 
     fn sum_ns(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.sum_ns.load(Relaxed))
-            .fold(0, u64::wrapping_add)
+        clock::ticks_to_nanos(
+            self.shards
+                .iter()
+                .map(|s| s.sum_ticks.load(Relaxed))
+                .fold(0, u64::wrapping_add),
+        )
     }
 }
 
@@ -164,6 +172,8 @@ struct Inner {
     histogram: Desc,
     label_names: &'static [&'static str],
     bounds_ns: &'static [u64],
+    /// `bounds_ns` in clock ticks, for the series' observations.
+    bounds_ticks: Arc<[u64]>,
     series: RwLock<Table>,
 }
 
@@ -202,6 +212,11 @@ impl TimedFamily {
             histogram: desc(def.histogram)?,
             label_names: def.label_names,
             bounds_ns: def.bounds_ns,
+            bounds_ticks: def
+                .bounds_ns
+                .iter()
+                .map(|&b| clock::nanos_to_ticks(b))
+                .collect(),
             series: RwLock::new(Table::default()),
         })))
     }
@@ -218,7 +233,7 @@ impl TimedFamily {
         if let Some(c) = table.by_values.get(&key) {
             return c.clone();
         }
-        let cell = Arc::new(Cell::new(self.0.bounds_ns));
+        let cell = Arc::new(Cell::new(self.0.bounds_ticks.clone()));
         let mut labels: Vec<proto::LabelPair> = self
             .0
             .label_names
@@ -339,7 +354,7 @@ impl RowMetric {
             desc,
             kind,
             label,
-            cell: Cell::new(&[]),
+            cell: Cell::new(Arc::new([])),
         }))
     }
 
@@ -416,6 +431,8 @@ pub(crate) const fn ns(seconds: f64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     static BOUNDS: [u64; 3] = [ns(0.001), ns(0.01), ns(0.1)];
@@ -435,10 +452,10 @@ mod tests {
     fn buckets_are_le_and_cumulative() {
         let f = counted("t_total", "t_seconds");
         let cell = f.cell(&["x"]);
-        cell.observe(Duration::from_millis(1)); // le=0.001 exactly
-        cell.observe(Duration::from_nanos(1_000_001)); // just past it: le=0.01
-        cell.observe(Duration::from_millis(5));
-        cell.observe(Duration::from_secs(3)); // +Inf
+        cell.observe(Duration::from_millis(1).into()); // le=0.001 exactly
+        cell.observe(Duration::from_nanos(1_000_001).into()); // just past it: le=0.01
+        cell.observe(Duration::from_millis(5).into());
+        cell.observe(Duration::from_secs(3).into()); // +Inf
         assert!(Arc::ptr_eq(&cell, &f.cell(&["x"])));
         let mfs = f.collect();
         let h = mfs[0].get_metric()[0].get_histogram();
@@ -449,7 +466,8 @@ mod tests {
             .collect();
         assert_eq!(counts, [1, 3, 3]);
         assert_eq!(h.get_sample_count(), 4);
-        assert!((h.get_sample_sum() - 3.007_000_001).abs() < 1e-9);
+        // The sum is kept in clock ticks: each observation is rounded to a tick.
+        assert!((h.get_sample_sum() - 3.007_000_001).abs() < 1e-8);
         assert_eq!(mfs[1].get_metric()[0].get_counter().get_value(), 4.0);
     }
 
@@ -462,16 +480,17 @@ mod tests {
         // counts. (Which row a thread gets is the process's business, so the test names it.)
         let threads = rows_per_cell() * 3;
         let per_thread = 20_000u64;
+        let five_ms = Span::from(Duration::from_millis(5)).ticks();
         std::thread::scope(|s| {
             for t in 0..threads {
                 let cell = &cell;
                 s.spawn(move || {
                     for k in 0..per_thread {
-                        // 1 ns and 5 ms in turn: buckets 0 (le 1 ms) and 1 (le 10 ms).
+                        // One tick and 5 ms in turn: buckets 0 (le 1 ms) and 1 (le 10 ms).
                         if (k + t as u64).is_multiple_of(2) {
                             cell.observe_in_row(t, 0, 1);
                         } else {
-                            cell.observe_in_row(t, 1, 5_000_000);
+                            cell.observe_in_row(t, 1, five_ms);
                         }
                     }
                 });
@@ -479,7 +498,7 @@ mod tests {
         });
         // And once through this thread's own number, alone: a spawned thread's number could
         // be one of the rows named above.
-        cell.observe(Duration::from_nanos(1));
+        cell.observe(Span::from_ticks(1));
         let total = threads as u64 * per_thread + 1;
         let mfs = f.collect();
         let h = mfs[0].get_metric()[0].get_histogram();
@@ -488,9 +507,10 @@ mod tests {
         assert_eq!(h.get_bucket()[0].cumulative_count(), small);
         assert_eq!(h.get_bucket()[1].cumulative_count(), total);
         assert_eq!(h.get_bucket()[2].cumulative_count(), total);
-        let want_sum = small as f64 * 1e-9 + (total - small) as f64 * 0.005;
+        let want_ticks = small + (total - small) * five_ms;
+        let want_sum = clock::ticks_to_nanos(want_ticks) as f64 / 1e9;
         assert!(
-            (h.get_sample_sum() - want_sum).abs() < 1e-6,
+            (h.get_sample_sum() - want_sum).abs() < 1e-9,
             "{}",
             h.get_sample_sum()
         );
@@ -538,8 +558,8 @@ mod tests {
         })
         .unwrap();
         let cell = f.cell(&["x"]);
-        cell.observe(Duration::from_nanos(LONG[LONG.len() - 1] + 1)); // +Inf
-        cell.observe(Duration::from_nanos(0));
+        cell.observe(Duration::from_nanos(LONG[LONG.len() - 1] + 1).into()); // +Inf
+        cell.observe(Duration::from_nanos(0).into());
         let mfs = f.collect();
         let h = mfs[0].get_metric()[0].get_histogram();
         let buckets = h.get_bucket();

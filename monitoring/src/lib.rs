@@ -39,7 +39,8 @@
 //! through the handles: no allocation, no lock, a few atomic updates per call.
 //!
 //! ```
-//! use std::time::{Duration, Instant};
+//! use std::time::Duration;
+//! use monitoring::clock::Mark;
 //! use monitoring::{Monitoring, Outcome};
 //!
 //! let monitoring = Monitoring::new();
@@ -57,7 +58,9 @@
 //!
 //! // A composite context around serviceA then serviceB: it passes only if both pass.
 //! let mut scope = both.scope(client);
-//! let started = Instant::now();
+//! // A mark's elapsed time is a `Span` in clock ticks: recorded without conversion. A
+//! // `Duration` is recorded too (converted to ticks).
+//! let started = Mark::now();
 //! node.record(Outcome::Success, started.elapsed());
 //! scope.record_service(&service_a, Outcome::Success, started.elapsed());
 //! scope.record_service(&service_b, Outcome::Failure, Duration::from_micros(40));
@@ -106,7 +109,6 @@ mod usage;
 
 use std::hash::Hash;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
@@ -118,6 +120,7 @@ pub use tokens::{GRANT_TYPES, RefreshOutcome};
 pub use usage::{CompositeMetrics, CompositeScope, NodeMetrics, ServiceMetrics};
 
 use clients::{Clients, FastMap};
+use clock::Span;
 use family::{FamilyDef, RowMetric, TimedFamily, ns};
 use usage::{OutcomeSeries, UsageInner};
 
@@ -453,7 +456,13 @@ impl Monitoring {
     }
 
     /// By name; `client` is the raw attribute value (empty = anonymous).
-    pub fn record_service(&self, service: &str, client: &str, outcome: Outcome, elapsed: Duration) {
+    pub fn record_service(
+        &self,
+        service: &str,
+        client: &str,
+        outcome: Outcome,
+        elapsed: impl Into<Span>,
+    ) {
         let client = self.client(Some(client));
         self.service(service).record(client, outcome, elapsed);
     }
@@ -464,13 +473,19 @@ impl Monitoring {
         composite: &str,
         client: &str,
         outcome: Outcome,
-        elapsed: Duration,
+        elapsed: impl Into<Span>,
     ) {
         let client = self.client(Some(client));
         self.composite(composite).record(client, outcome, elapsed);
     }
 
-    pub fn record_node(&self, policy: &str, node: &str, outcome: Outcome, elapsed: Duration) {
+    pub fn record_node(
+        &self,
+        policy: &str,
+        node: &str,
+        outcome: Outcome,
+        elapsed: impl Into<Span>,
+    ) {
         self.node(policy, node).record(outcome, elapsed);
     }
 
@@ -500,7 +515,7 @@ impl Monitoring {
         self.store(store).purged(removed);
     }
 
-    pub fn store_op(&self, store: &str, op: &str, elapsed: Duration) {
+    pub fn store_op(&self, store: &str, op: &str, elapsed: impl Into<Span>) {
         self.store(store).op(op, elapsed);
     }
 

@@ -1,8 +1,8 @@
 //! Token-store metrics: live tokens, purged tokens, operation latency.
 
+use crate::clock::Span;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 
@@ -58,7 +58,8 @@ impl StoreMetrics {
 
     /// Observes one operation's latency. `op` should be a fixed name from code (`get`,
     /// `insert`, `rotate`, ...); for the hottest operations prefer [`StoreMetrics::op_handle`].
-    pub fn op(&self, op: &str, elapsed: Duration) {
+    pub fn op(&self, op: &str, elapsed: impl Into<Span>) {
+        let elapsed = elapsed.into();
         if let Some(cell) = self.read_op(op) {
             cell.observe(elapsed);
             return;
@@ -96,7 +97,7 @@ pub struct StoreOpMetrics(Arc<Cell>);
 
 impl StoreOpMetrics {
     #[inline]
-    pub fn record(&self, elapsed: Duration) {
-        self.0.observe(elapsed);
+    pub fn record(&self, elapsed: impl Into<Span>) {
+        self.0.observe(elapsed.into());
     }
 }

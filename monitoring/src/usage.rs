@@ -1,11 +1,10 @@
 //! Service, composite and filter-node usage: pre-resolved handles for the hot path.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use crate::Outcome;
 use crate::clients::{ClientLabel, Clients};
-use crate::clock::Mark;
+use crate::clock::{Mark, Span};
 use crate::family::{Cell, TimedFamily};
 
 /// The three series (one per outcome) of a family, fetched once.
@@ -22,7 +21,7 @@ impl OutcomeSeries {
     }
 
     #[inline]
-    pub(crate) fn record(&self, outcome: Outcome, elapsed: Duration) {
+    pub(crate) fn record(&self, outcome: Outcome, elapsed: Span) {
         self.0[outcome.index()].observe(elapsed);
     }
 }
@@ -63,7 +62,7 @@ impl UsageInner {
     }
 
     #[inline]
-    fn record(&self, client: ClientLabel, outcome: Outcome, elapsed: Duration) {
+    fn record(&self, client: ClientLabel, outcome: Outcome, elapsed: Span) {
         self.series(client).record(outcome, elapsed);
     }
 }
@@ -81,8 +80,8 @@ impl ServiceMetrics {
 
     /// Counts one run of this service context for `client`, taking `elapsed`.
     #[inline]
-    pub fn record(&self, client: ClientLabel, outcome: Outcome, elapsed: Duration) {
-        self.0.record(client, outcome, elapsed);
+    pub fn record(&self, client: ClientLabel, outcome: Outcome, elapsed: impl Into<Span>) {
+        self.0.record(client, outcome, elapsed.into());
     }
 }
 
@@ -98,8 +97,8 @@ impl CompositeMetrics {
 
     /// Records one composite run directly (when the caller already knows the outcome).
     #[inline]
-    pub fn record(&self, client: ClientLabel, outcome: Outcome, elapsed: Duration) {
-        self.0.record(client, outcome, elapsed);
+    pub fn record(&self, client: ClientLabel, outcome: Outcome, elapsed: impl Into<Span>) {
+        self.0.record(client, outcome, elapsed.into());
     }
 
     /// Starts the composite for one request: the clock starts now.
@@ -148,7 +147,7 @@ impl CompositeScope {
         &mut self,
         service: &ServiceMetrics,
         outcome: Outcome,
-        elapsed: Duration,
+        elapsed: impl Into<Span>,
     ) {
         service.record(self.client, outcome, elapsed);
         self.observe(outcome);
@@ -183,7 +182,7 @@ pub struct NodeMetrics(pub(crate) Arc<OutcomeSeries>);
 
 impl NodeMetrics {
     #[inline]
-    pub fn record(&self, outcome: Outcome, elapsed: Duration) {
-        self.0.record(outcome, elapsed);
+    pub fn record(&self, outcome: Outcome, elapsed: impl Into<Span>) {
+        self.0.record(outcome, elapsed.into());
     }
 }
