@@ -260,6 +260,33 @@ mod tests {
     }
 
     #[test]
+    fn ids_of_every_tail_length_hash_apart_and_resolve() {
+        use std::hash::BuildHasher;
+        // Ids of 1 to 40 bytes, differing in one byte at every position of the tail.
+        let mut ids = Vec::new();
+        for len in 1..=40usize {
+            for at in 0..len {
+                let mut id = vec![b'a'; len];
+                id[at] = b'b';
+                ids.push(String::from_utf8(id).unwrap());
+            }
+            ids.push("a".repeat(len));
+        }
+        let build = BuildHasherDefault::<IdHasher>::default();
+        let mut hashes: Vec<u64> = ids.iter().map(|id| build.hash_one(id.as_str())).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), ids.len(), "no two of these ids hash alike");
+
+        let clients = Clients::new(ids.len());
+        assert_eq!(clients.set_known(&ids), ids.len());
+        let labels: std::collections::HashSet<ClientLabel> =
+            ids.iter().map(|id| clients.resolve(Some(id))).collect();
+        assert_eq!(labels.len(), ids.len());
+        assert!(!labels.contains(&ClientLabel::OTHER));
+    }
+
+    #[test]
     fn long_ids_are_never_labels() {
         let clients = Clients::new(10);
         let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
