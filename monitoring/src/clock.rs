@@ -69,7 +69,7 @@ pub fn uses_tsc() -> bool {
     matches!(source(), Source::Tsc { .. })
 }
 
-/// Ticks -> nanoseconds (saturating).
+/// Ticks -> nanoseconds (quanta's scale: a multiplication and a shift).
 pub(crate) fn ticks_to_nanos(ticks: u64) -> u64 {
     match source() {
         Source::Tsc { clock, .. } => clock.delta_as_nanos(0, ticks),

@@ -10,7 +10,7 @@
 //! which Prometheus tolerates.
 //!
 //! Durations arrive as [`Span`]s, in the clock's ticks: the bucket bounds are converted to ticks
-//! once per family, and so is the sum kept, in ticks, converted to seconds at scrape time. An
+//! once per family, and the sum is kept in ticks and converted to seconds at scrape time. An
 //! observation converts nothing.
 //!
 //! Each series keeps one such row per recording thread ([`Shard`]): the first threads that
@@ -67,8 +67,8 @@ fn thread_row() -> usize {
 }
 
 /// One row of a series: per-bucket counts (not cumulative; `+Inf` right after the last bound)
-/// and the sum (in clock ticks). Aligned apart so that two threads' rows never share a cache line (nor the
-/// line pair the CPU fetches together).
+/// and the sum (in clock ticks). Aligned apart so that two threads' rows never share a cache
+/// line (nor the line pair the CPU fetches together).
 #[repr(align(128))]
 struct Shard {
     sum_ticks: AtomicU64,
