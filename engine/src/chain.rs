@@ -36,8 +36,11 @@ pub struct Walk {
     /// `run_now` stopped before node `at`: its filter declined to answer without waiting, so
     /// the next step awaits it instead of asking again.
     waiting: bool,
-    /// The end of the last node, or the walk's start; `None` when no node records its time.
-    /// One clock read serves as the end of a node and the start of the next.
+    /// When the walk started (its first node's start).
+    start: Mark,
+    /// The end of the last node, or the walk's start; `None` when the walk is not timed
+    /// (`Policy::times_nodes`). One clock read serves as the end of a node and the start of
+    /// the next.
     mark: Option<Mark>,
     /// Indices of the nodes visited; kept only when the request's log line is on.
     keep_trail: bool,
@@ -58,6 +61,7 @@ impl Walk {
                 Some(0)
             },
             waiting: false,
+            start,
             mark: policy.times_nodes.then_some(start),
             keep_trail,
             trail: Vec::with_capacity(if keep_trail { policy.nodes.len() } else { 0 }),
@@ -125,7 +129,10 @@ impl Walk {
         clients: &mut ClientLabels<'a>,
         overall: Outcome,
     ) {
-        std::mem::take(&mut self.contexts).record(policy, clients, overall);
+        // The composite spans the walk: from its start to the end of its last node (a walk
+        // with a composite is timed, so `mark` is that end).
+        let walk = self.mark.map_or(Span::ZERO, |end| self.start.until(end));
+        std::mem::take(&mut self.contexts).record(policy, clients, overall, walk);
     }
 
     /// Takes node `i`'s answer: records it and moves to the next node, or ends the walk.
@@ -252,11 +259,22 @@ impl Contexts {
         }
     }
 
-    fn record<'a>(self, policy: &'a Policy, clients: &mut ClientLabels<'a>, overall: Outcome) {
-        let mut composite = policy
+    /// Records each service context seen, and the composite (if the policy has one) once:
+    /// `walk` long, with the worst of the contexts' outcomes and the request's own.
+    fn record<'a>(
+        self,
+        policy: &'a Policy,
+        clients: &mut ClientLabels<'a>,
+        overall: Outcome,
+        walk: Span,
+    ) {
+        let composite = policy
             .composite
             .as_ref()
-            .map(|c| c.scope(clients.of(&policy.client_attribute)));
+            .map(|c| (c, clients.of(&policy.client_attribute)));
+        // The request as a whole is part of the composite too: a failure answered outside any
+        // node-level context still fails it.
+        let mut worst = overall;
         for (i, seen) in self.seen.into_iter().enumerate() {
             let Some((outcome, elapsed)) = seen else {
                 continue;
@@ -264,15 +282,10 @@ impl Contexts {
             let ctx = &policy.contexts[i];
             ctx.metrics
                 .record(clients.of(&ctx.client_attribute), outcome, elapsed);
-            if let Some(scope) = &mut composite {
-                scope.observe(outcome);
-            }
+            worst = worst.worst(outcome);
         }
-        if let Some(mut scope) = composite {
-            // The request as a whole is part of the composite too: a failure answered
-            // outside any node-level context still fails it.
-            scope.observe(overall);
-            let _ = scope.finish();
+        if let Some((composite, client)) = composite {
+            composite.record(client, worst, walk);
         }
     }
 }

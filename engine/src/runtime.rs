@@ -51,8 +51,9 @@ pub struct Policy {
     /// filter whose `composite_context` is true).
     pub composite: Option<CompositeMetrics>,
     pub nodes: Vec<Node>,
-    /// Whether any node records its time (node metrics or a node-level service context): the
-    /// chain reads the clock between nodes only then.
+    /// Whether the walk is timed: some node records its time (node metrics or a node-level
+    /// service context) or a composite records the walk's. The chain reads the clock between
+    /// nodes only then.
     pub times_nodes: bool,
 }
 
@@ -228,16 +229,18 @@ pub async fn build(
                 }
             }
         }
+        let composite = if policy_on { composite } else { None };
         policies.push(Policy {
             name: p.name.as_str().into(),
             service: p.service.as_str().into(),
             metrics: policy_on.then(|| monitoring.service(&p.service)),
             client_attribute: p.monitoring.client_attribute.as_str().into(),
             contexts,
-            composite: if policy_on { composite } else { None },
-            times_nodes: nodes
-                .iter()
-                .any(|n| n.metrics.is_some() || n.context.is_some()),
+            times_nodes: composite.is_some()
+                || nodes
+                    .iter()
+                    .any(|n| n.metrics.is_some() || n.context.is_some()),
+            composite,
             nodes,
         });
     }
