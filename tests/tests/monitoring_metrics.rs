@@ -647,53 +647,75 @@ async fn node_service_contexts_and_a_composite_that_succeeds_only_if_all_succeed
     );
 }
 
-/// The token endpoint's grant dispatch inside a composite `token-flow` on the policy: the
-/// `cc` and `refresh` nodes are service contexts of their own (their filters' monitoring).
-fn composite_token_policy() -> String {
-    tests::dispatch_policy("", "").replacen(
-        "    chain:",
-        "    monitoring: { composite: token-flow }\n    chain:",
-        1,
-    )
+/// The token endpoint's grant dispatch with a composite `token-flow`, declared on the policy
+/// (around the `cc` and `refresh` nodes' service contexts, their filters' monitoring) or by the
+/// refresh filter's `composite_context` (around `cc`'s); and the service contexts inside it.
+fn composite_token_policy(on_the_policy: bool) -> (String, &'static [&'static str]) {
+    if on_the_policy {
+        let policy = tests::dispatch_policy("", "").replacen(
+            "    chain:",
+            "    monitoring: { composite: token-flow }\n    chain:",
+            1,
+        );
+        (policy, &["cc", "refresh"])
+    } else {
+        let refresh = "        monitoring: { composite_context: true, service: token-flow }";
+        (tests::dispatch_policy("", refresh), &["cc"])
+    }
 }
 
 #[tokio::test]
 async fn a_composite_takes_the_time_of_the_chain_around_its_services() {
-    let policy = composite_token_policy();
-    let (_dir, gw, id, secret) = start_with_client(
-        &[("token.yaml", &policy)],
-        "client_credentials,refresh_token",
-    )
-    .await;
-    refresh_traffic(gw.public_addr, &basic(&id, &secret)).await;
+    for on_the_policy in [true, false] {
+        let (policy, services) = composite_token_policy(on_the_policy);
+        let (_dir, gw, id, secret) = start_with_client(
+            &[("token.yaml", &policy)],
+            "client_credentials,refresh_token",
+        )
+        .await;
+        refresh_traffic(gw.public_addr, &basic(&id, &secret)).await;
 
-    let m = scrape(&gw).await;
-    let sum = |name: &str, labels: &[(&str, &str)]| m.get(name, labels);
-    let comp = "gateway_composite_request_duration_seconds";
-    let svc = "gateway_service_request_duration_seconds";
-    let composite = sum(&format!("{comp}_sum"), &[("composite", "token-flow")]);
-    let services = sum(&format!("{svc}_sum"), &[("service", "cc")])
-        + sum(&format!("{svc}_sum"), &[("service", "refresh")]);
-    let policy = sum(&format!("{svc}_sum"), &[("service", "token")]);
-    // Six requests, each through the composite once.
-    assert_eq!(
-        sum(&format!("{comp}_count"), &[("composite", "token-flow")]),
-        6.0,
-        "{}",
-        m.dump(&format!("{comp}_count"))
-    );
-    // Per request, the grant nodes' times are parts of the chain's, and the chain is part of
-    // the request's (which also reads the body). A composite timed apart from its services
-    // (the time it takes to record them) is far below their sum: a grant node hashes, draws
-    // and stores tokens.
-    assert!(
-        composite >= services,
-        "composite {composite} s < its services' {services} s"
-    );
-    assert!(
-        composite <= policy,
-        "composite {composite} s > the requests' {policy} s"
-    );
+        let m = scrape(&gw).await;
+        let comp = "gateway_composite_request_duration_seconds";
+        let svc = "gateway_service_request_duration_seconds";
+        let composite = m.get(&format!("{comp}_sum"), &[("composite", "token-flow")]);
+        let inside: f64 = services
+            .iter()
+            .map(|s| m.get(&format!("{svc}_sum"), &[("service", s)]))
+            .sum();
+        let requests = m.get(&format!("{svc}_sum"), &[("service", "token")]);
+        let form = if on_the_policy { "policy" } else { "filter" };
+        // Six requests, each through the composite once.
+        assert_eq!(
+            m.get(&format!("{comp}_count"), &[("composite", "token-flow")]),
+            6.0,
+            "{form}: {}",
+            m.dump(&format!("{comp}_count"))
+        );
+        let mut contexts: Vec<String> = ["token", "whoami"]
+            .iter()
+            .chain(services)
+            .map(|s| s.to_string())
+            .collect();
+        contexts.sort();
+        assert_eq!(
+            m.label_values("gateway_service_requests_total", "service"),
+            contexts,
+            "{form}: the composite is not a service context"
+        );
+        // Per request, the grant nodes' times are parts of the chain's, and the chain is part
+        // of the request's (which also reads the body). A composite timed apart from its
+        // services (the time it takes to record them) is far below their sum: a grant node
+        // hashes, draws and stores tokens.
+        assert!(
+            composite >= inside,
+            "{form}: composite {composite} s < its services' {inside} s"
+        );
+        assert!(
+            composite <= requests,
+            "{form}: composite {composite} s > the requests' {requests} s"
+        );
+    }
 }
 
 /// A grant_type dispatch between a client_credentials node `cc` and a refresh node `refresh`,
