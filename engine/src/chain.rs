@@ -129,8 +129,8 @@ impl Walk {
         clients: &mut ClientLabels<'a>,
         overall: Outcome,
     ) {
-        // The composite spans the walk: from its start to the end of its last node (a walk
-        // with a composite is timed, so `mark` is that end).
+        // A composite spans the walk: from its start to the end of its last node (a walk with
+        // a composite is timed, so `mark` is that end).
         let walk = self.mark.map_or(Span::ZERO, |end| self.start.until(end));
         std::mem::take(&mut self.contexts).record(policy, clients, overall, walk);
     }
@@ -259,8 +259,8 @@ impl Contexts {
         }
     }
 
-    /// Records each service context seen, and the composite (if the policy has one) once:
-    /// `walk` long, with the worst of the contexts' outcomes and the request's own.
+    /// Records each service context seen, and each of the policy's composites once: `walk`
+    /// long, with the worst of the contexts' outcomes and the request's own.
     fn record<'a>(
         self,
         policy: &'a Policy,
@@ -268,11 +268,7 @@ impl Contexts {
         overall: Outcome,
         walk: Span,
     ) {
-        let composite = policy
-            .composite
-            .as_ref()
-            .map(|c| (c, clients.of(&policy.client_attribute)));
-        // The request as a whole is part of the composite too: a failure answered outside any
+        // The request as a whole is part of a composite too: a failure answered outside any
         // node-level context still fails it.
         let mut worst = overall;
         for (i, seen) in self.seen.into_iter().enumerate() {
@@ -284,8 +280,9 @@ impl Contexts {
                 .record(clients.of(&ctx.client_attribute), outcome, elapsed);
             worst = worst.worst(outcome);
         }
-        if let Some((composite, client)) = composite {
-            composite.record(client, worst, walk);
+        for composite in &policy.composites {
+            let client = clients.of(&composite.client_attribute);
+            composite.metrics.record(client, worst, walk);
         }
     }
 }

@@ -40,6 +40,15 @@ pub struct Context {
     pub client_attribute: Arc<str>,
 }
 
+/// A composite context around the policy's service contexts (the policy's
+/// `monitoring.composite`, or a filter whose `composite_context` is true), recorded once per
+/// request: the chain's time, the worst of its contexts' outcomes and of the answer's.
+pub struct Composite {
+    pub metrics: CompositeMetrics,
+    /// The attribute whose value labels the client: the policy's, or the declaring filter's.
+    pub client_attribute: Arc<str>,
+}
+
 pub struct Policy {
     pub name: Arc<str>,
     pub service: Arc<str>,
@@ -47,9 +56,9 @@ pub struct Policy {
     pub metrics: Option<ServiceMetrics>,
     pub client_attribute: Arc<str>,
     pub contexts: Vec<Context>,
-    /// A composite context around `contexts` (the policy's `monitoring.composite`, or a
-    /// filter whose `composite_context` is true).
-    pub composite: Option<CompositeMetrics>,
+    /// The composite contexts around `contexts`, each named once (empty when the policy's
+    /// monitoring is off).
+    pub composites: Vec<Composite>,
     pub nodes: Vec<Node>,
     /// Whether the walk is timed: some node records its time (node metrics or a node-level
     /// service context) or a composite records the walk's. The chain reads the clock between
@@ -154,18 +163,23 @@ pub async fn build(
     for p in &set.policies {
         let mut nodes = Vec::new();
         let mut contexts: Vec<Context> = Vec::new();
-        let mut composite = p
+        let policy_on = p.monitoring.enabled;
+        let mut composites: Vec<Composite> = p
             .monitoring
             .composite
-            .as_deref()
-            .map(|c| monitoring.composite(c));
-        let policy_on = p.monitoring.enabled;
+            .iter()
+            .map(|c| Composite {
+                metrics: monitoring.composite(c),
+                client_attribute: p.monitoring.client_attribute.as_str().into(),
+            })
+            .collect();
         for n in &p.nodes {
             let cx = BuildContext {
                 stores: &plain,
                 registry: registry.as_ref().map(|r| r.registry.clone()),
                 monitoring: monitoring.clone(),
                 policy: &p.name,
+                policy_monitoring: policy_on,
                 node: &n.name,
                 warnings: RefCell::new(Vec::new()),
             };
@@ -193,8 +207,18 @@ pub async fn build(
                                 .unwrap_or(&p.monitoring.client_attribute)
                                 .into();
                             if own.is_some_and(|m| m.composite_context) {
-                                // The filter's context is the composite around the others.
-                                composite.get_or_insert_with(|| monitoring.composite(&name));
+                                // The filter's context is a composite around the others (one
+                                // series per name, however many filters declare it).
+                                if !composites.iter().any(|c| c.metrics.name() == name) {
+                                    composites.push(Composite {
+                                        metrics: monitoring.composite(&name),
+                                        client_attribute,
+                                    });
+                                }
+                                None
+                            } else if name == p.service {
+                                // The policy's own context, which counts every request once
+                                // already: a second record of it would count this one twice.
                                 None
                             } else {
                                 Some(
@@ -229,18 +253,20 @@ pub async fn build(
                 }
             }
         }
-        let composite = if policy_on { composite } else { None };
+        if !policy_on {
+            composites.clear();
+        }
         policies.push(Policy {
             name: p.name.as_str().into(),
             service: p.service.as_str().into(),
             metrics: policy_on.then(|| monitoring.service(&p.service)),
             client_attribute: p.monitoring.client_attribute.as_str().into(),
             contexts,
-            times_nodes: composite.is_some()
+            times_nodes: !composites.is_empty()
                 || nodes
                     .iter()
                     .any(|n| n.metrics.is_some() || n.context.is_some()),
-            composite,
+            composites,
             nodes,
         });
     }

@@ -54,7 +54,9 @@ pub enum StoreOp {
 impl FilterMonitor {
     /// `store` names the token store whose operation latency this filter reports; the
     /// histogram handles are fetched once, here.
-    pub fn new(config: MonitoringConfig, store: &str, cx: &BuildContext) -> Self {
+    /// A policy whose monitoring is off turns its filters' off too.
+    pub fn new(mut config: MonitoringConfig, store: &str, cx: &BuildContext) -> Self {
+        config.enabled &= cx.policy_monitoring;
         let store = cx.monitoring.store(store);
         FilterMonitor {
             config,

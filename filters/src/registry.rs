@@ -59,6 +59,9 @@ pub struct BuildContext<'a> {
     pub registry: Option<SharedRegistry>,
     pub monitoring: Arc<Monitoring>,
     pub policy: &'a str,
+    /// The policy's `monitoring.enabled`: when false, its filters record nothing either
+    /// (their token counters and store latencies included).
+    pub policy_monitoring: bool,
     pub node: &'a str,
     /// Accepted but worth telling the operator (`gateway check` prints these).
     pub warnings: RefCell<Vec<BuildError>>,

@@ -54,6 +54,7 @@ pub fn built(
         registry,
         monitoring: monitoring.clone(),
         policy: "p",
+        policy_monitoring: true,
         node: "node",
         warnings: RefCell::new(Vec::new()),
     };

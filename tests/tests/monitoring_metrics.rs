@@ -718,6 +718,146 @@ async fn a_composite_takes_the_time_of_the_chain_around_its_services() {
     }
 }
 
+/// A composite on the policy and another declared by the grant filter. The grant sets its own
+/// client attribute (`app.caller`) to the client's id, which labels the filter's composite; the
+/// policy's attribute (`authentication.subject.id`) stays unset, so its composite's client is
+/// `anonymous`.
+const TWO_COMPOSITES: &str = r#"
+policies:
+  - name: flows
+    route: { path: /flows-token, methods: [POST] }
+    monitoring: { composite: policy-flow }
+    chain:
+      - name: grant
+        type: client_credentials
+        application_validation: { client_credentials_in: authorization_header }
+        access_token: { store: tokens, expiry_secs: 3600, length: 54, type: Bearer }
+        monitoring: { composite_context: true, service: grant-flow, client_attribute: app.caller }
+"#;
+
+#[tokio::test]
+async fn every_composite_is_recorded_and_labelled_by_its_own_client_attribute() {
+    let (_dir, gw, id, secret) =
+        start_with_client(&[("flows.yaml", TWO_COMPOSITES)], "client_credentials").await;
+    let r = post_form(
+        gw.public_addr,
+        "/flows-token",
+        &[("authorization", &basic(&id, &secret))],
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = scrape(&gw).await;
+    let comp = "gateway_composite_requests_total";
+    let count = |composite: &str, client: &str| {
+        m.value(
+            comp,
+            &[
+                ("composite", composite),
+                ("client", client),
+                ("outcome", "success"),
+            ],
+        )
+    };
+    assert_eq!(
+        count("policy-flow", "anonymous"),
+        Some(1.0),
+        "the policy's composite, labelled by the policy's attribute:\n{}",
+        m.dump(comp)
+    );
+    assert_eq!(
+        count("grant-flow", &id),
+        Some(1.0),
+        "the filter's composite beside the policy's, labelled by the filter's attribute:\n{}",
+        m.dump(comp)
+    );
+    assert_eq!(m.get(comp, &[]), 2.0, "{}", m.dump(comp));
+}
+
+/// A node whose service context is the policy's own (`service: same`, the policy's name).
+const SAME_CONTEXT: &str = r#"
+policies:
+  - name: same
+    route: { path: /same, methods: [GET] }
+    chain:
+      - name: identify
+        type: set_attribute
+        attribute: authentication.subject.id
+        value: "${http.header.x-client}"
+      - name: answer
+        service: same
+        type: set_response
+        body: same
+"#;
+
+#[tokio::test]
+async fn a_node_in_the_policys_own_context_does_not_count_the_request_twice() {
+    let (_dir, gw, id, _) =
+        start_with_client(&[("same.yaml", SAME_CONTEXT)], "client_credentials").await;
+    for _ in 0..3 {
+        let r = send(
+            gw.public_addr,
+            request(Method::GET, "/same")
+                .header("x-client", &id)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let m = scrape(&gw).await;
+    let svc = "gateway_service_requests_total";
+    assert_eq!(
+        m.get(svc, &[("service", "same")]),
+        3.0,
+        "three requests:\n{}",
+        m.dump(svc)
+    );
+    assert_eq!(
+        m.get(
+            "gateway_service_request_duration_seconds_count",
+            &[("service", "same")]
+        ),
+        3.0
+    );
+}
+
+/// A token endpoint whose policy has monitoring off; its grant filter's own setting is left at
+/// its default (on).
+const SILENT_TOKEN: &str = r#"
+policies:
+  - name: silent-token
+    route: { path: /silent-token, methods: [POST] }
+    monitoring: { enabled: false }
+    chain:
+      - name: grant
+        type: client_credentials
+        application_validation: { client_credentials_in: authorization_header }
+        access_token: { store: tokens, expiry_secs: 3600, length: 54, type: Bearer }
+"#;
+
+#[tokio::test]
+async fn a_policy_with_monitoring_off_counts_no_tokens_nor_store_operations() {
+    let (_dir, gw, id, secret) =
+        start_with_client(&[("silent.yaml", SILENT_TOKEN)], "client_credentials").await;
+    let r = post_form(
+        gw.public_addr,
+        "/silent-token",
+        &[("authorization", &basic(&id, &secret))],
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = scrape(&gw).await;
+    for name in [
+        "gateway_tokens_issued_total",
+        "gateway_store_operation_duration_seconds_count",
+    ] {
+        let recorded: f64 = m.matching(name, &[]).iter().map(|s| s.value).sum();
+        assert_eq!(recorded, 0.0, "{name}:\n{}", m.dump(name));
+    }
+}
+
 /// A grant_type dispatch between a client_credentials node `cc` and a refresh node `refresh`,
 /// both with the given `monitoring.enabled`.
 fn dispatch_policy(enabled: bool) -> String {
