@@ -46,6 +46,9 @@ pub struct Walk {
     keep_trail: bool,
     trail: Vec<u16>,
     contexts: Contexts,
+    /// The service contexts have been recorded: a second [`Walk::record`] (after a panic in
+    /// the first) records nothing.
+    recorded: bool,
 }
 
 impl Walk {
@@ -66,6 +69,7 @@ impl Walk {
             keep_trail,
             trail: Vec::with_capacity(if keep_trail { policy.nodes.len() } else { 0 }),
             contexts: Contexts::new(policy),
+            recorded: false,
         }
     }
 
@@ -116,6 +120,21 @@ impl Walk {
         }
     }
 
+    /// The walk broke off (a node panicked, or the request ran out of time while a node
+    /// waited): the node it was at ends now, as an exception, recorded like any node's end.
+    pub fn interrupted(&mut self, policy: &Policy) {
+        if let Some(i) = self.at.take() {
+            let elapsed = self.node_ended(i);
+            self.contexts
+                .node(&policy.nodes[i], Outcome::Exception, elapsed);
+        }
+    }
+
+    /// The nodes visited so far (empty when the log line is off), for a walk that broke off.
+    pub fn take_trail(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.trail)
+    }
+
     /// When the last node ended, if the walk read the clock at all.
     pub fn last_mark(&self) -> Option<Mark> {
         self.mark
@@ -129,6 +148,9 @@ impl Walk {
         clients: &mut ClientLabels<'a>,
         overall: Outcome,
     ) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         // A composite spans the walk: from its start to the end of its last node (a walk with
         // a composite is timed, so `mark` is that end).
         let walk = self.mark.map_or(Span::ZERO, |end| self.start.until(end));

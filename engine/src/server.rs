@@ -218,13 +218,13 @@ pub fn public(state: &ConnectionState, req: Request<Incoming>, _peer: SocketAddr
                 policy,
                 &ex,
                 &mut walk,
-                Some(finished),
+                Ok(finished),
                 started,
             ))
         }));
         let ending = match run {
             Ok(Some(ending)) => ending,
-            Err(_) => Ending::of_walk(state, policy, &ex, &mut walk, None, started),
+            Err(_) => Ending::of_walk(state, policy, &ex, &mut walk, Err(Broke::Panic), started),
             Ok(None) => {
                 let start = Start::Resume(Box::new(ex), walk);
                 return later(state, runtime, index, start, started);
@@ -328,35 +328,41 @@ async fn answer_later(
     // Timed from the request's first wait (see `within`).
     let timeout = Duration::from_secs(limits.request_timeout_secs.max(1));
     let max_body = limits.max_body_bytes;
-    // Set once the body is in: a deadline that fires before is the client's delay (408), after
-    // it ours (504). One timer per request covers both, and only a request that waits has one.
-    let body_read = std::sync::atomic::AtomicBool::new(false);
-    let work = async {
-        let (mut ex, mut walk) = match start {
-            Start::Resume(ex, walk) => (ex, walk),
-            Start::Read(mut ex, body) => {
+    // The exchange and the walk live out here, borrowed by the timed work, so that a request
+    // that runs out of time still records the nodes and service contexts it went through. The
+    // walk starts once the body is in: a deadline that fires before it is the client's delay
+    // (408), after it ours (504). One timer per request covers both, and only a request that
+    // waits has one.
+    let (mut ex, mut walk, mut body) = match start {
+        Start::Resume(ex, walk) => (ex, Some(walk), None),
+        Start::Read(ex, body) => (ex, None, Some(body)),
+    };
+    let done = {
+        let work = async {
+            if let Some(body) = body.take() {
                 ex.body = read_body(body, max_body)
                     .await
                     .map_err(|r| Ending::early(r, started))?;
-                (ex, Walk::new(policy, Mark::now()))
             }
+            let walk = walk.get_or_insert_with(|| Walk::new(policy, Mark::now()));
+            // The walk and its service contexts' recording; a panic in either is a 500.
+            let run = AssertUnwindSafe(async {
+                let finished = walk.run(policy, &mut ex).await;
+                Ending::of_walk(&state, policy, &ex, walk, Ok(finished), started)
+            })
+            .catch_unwind()
+            .await;
+            Ok(run.unwrap_or_else(|_| {
+                Ending::of_walk(&state, policy, &ex, walk, Err(Broke::Panic), started)
+            }))
         };
-        body_read.store(true, std::sync::atomic::Ordering::Relaxed);
-        // The walk and its service contexts' recording; a panic in either is a 500.
-        let run = AssertUnwindSafe(async {
-            let finished = walk.run(policy, &mut ex).await;
-            Ending::of_walk(&state, policy, &ex, &mut walk, Some(finished), started)
-        })
-        .catch_unwind()
-        .await;
-        Ok(run.unwrap_or_else(|_| Ending::of_walk(&state, policy, &ex, &mut walk, None, started)))
+        // Pinned here, not moved into `within`: an `async fn`'s argument is kept beside the
+        // local it becomes, and the request's future would carry the work's state twice.
+        within(std::pin::pin!(work), timeout).await
     };
-    // Pinned here, not moved into `within`: an `async fn`'s argument is kept beside the local
-    // it becomes, and the request's future would carry the walk's state twice (over the size
-    // glibc allocates on its fast path).
-    let ending = match within(std::pin::pin!(work), timeout).await {
-        Some(Ok(ending) | Err(ending)) => ending,
-        None if !body_read.load(std::sync::atomic::Ordering::Relaxed) => Ending::early(
+    let ending = match (done, &mut walk) {
+        (Some(Ok(ending) | Err(ending)), _) => ending,
+        (None, None) => Ending::early(
             closing(error(
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request",
@@ -364,14 +370,9 @@ async fn answer_later(
             )),
             started,
         ),
-        None => Ending::early(
-            error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "the request took too long",
-            ),
-            started,
-        ),
+        (None, Some(walk)) => {
+            Ending::of_walk(&state, policy, &ex, walk, Err(Broke::Timeout), started)
+        }
     };
     conclude(policy, ending)
 }
@@ -428,6 +429,31 @@ async fn read_body(body: Incoming, max_body: usize) -> Result<Bytes, Response> {
     }
 }
 
+/// How a walk broke off before its chain answered.
+enum Broke {
+    /// A node (or the recording after it) panicked: the panic hook has logged where.
+    Panic,
+    /// The request timeout passed while a node waited.
+    Timeout,
+}
+
+impl Broke {
+    fn response(&self) -> Response {
+        match self {
+            Broke::Panic => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the policy failed unexpectedly",
+            ),
+            Broke::Timeout => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "the request took too long",
+            ),
+        }
+    }
+}
+
 /// How a request ended, before it is counted and logged.
 struct Ending {
     response: Response,
@@ -454,33 +480,35 @@ impl Ending {
         }
     }
 
-    /// The end of a walk; `run` is `None` when a node panicked (the panic hook has logged
-    /// where). Records the walk's service contexts.
+    /// The end of a walk: the answer it finished with, or how it broke off (the node it was
+    /// at is then recorded as an exception). Records the walk's service contexts.
     fn of_walk(
         state: &State,
         policy: &Policy,
         ex: &Exchange,
         walk: &mut Walk,
-        run: Option<Finished>,
+        run: Result<Finished, Broke>,
         started: Mark,
     ) -> Self {
         // The walk's last clock read is the end of its last node: no need for another.
-        let end = run.as_ref().and(walk.last_mark()).unwrap_or_else(Mark::now);
+        let end = match &run {
+            Ok(_) => walk.last_mark(),
+            Err(_) => {
+                walk.interrupted(policy);
+                None
+            }
+        }
+        .unwrap_or_else(Mark::now);
         let mut clients = ClientLabels::new(ex, &state.monitoring);
         let (response, outcome, trail) = match run {
-            Some(f) => {
+            Ok(f) => {
                 walk.record(policy, &mut clients, f.outcome);
                 (f.response, f.outcome, f.trail)
             }
-            None => (
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "the policy failed unexpectedly",
-                ),
-                Outcome::Exception,
-                Vec::new(),
-            ),
+            Err(broke) => {
+                walk.record(policy, &mut clients, Outcome::Exception);
+                (broke.response(), Outcome::Exception, walk.take_trail())
+            }
         };
         // The client as the chain identified it (the policy's `monitoring.client_attribute`,
         // by default `authentication.subject.id`, which the OAuth filters set once the client

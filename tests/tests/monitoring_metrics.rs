@@ -858,6 +858,122 @@ async fn a_policy_with_monitoring_off_counts_no_tokens_nor_store_operations() {
     }
 }
 
+/// Two walks that break off inside a composite, after a node of context `ident` has run:
+/// `/slow` waits past the request timeout in a node of context `backend` (504), `/boom`
+/// panics in a node of context `exploding` (500).
+const BROKEN: &str = r#"
+policies:
+  - name: slow
+    route: { path: /slow, methods: [GET] }
+    monitoring: { composite: slow-flow }
+    chain:
+      - name: who
+        service: ident
+        type: set_attribute
+        attribute: authentication.subject.id
+        value: "${http.header.x-client}"
+      - { name: wait, service: backend, type: test_sleep, ms: 5000 }
+  - name: boom
+    route: { path: /boom, methods: [GET] }
+    monitoring: { composite: boom-flow }
+    chain:
+      - name: who
+        service: ident
+        type: set_attribute
+        attribute: authentication.subject.id
+        value: "${http.header.x-client}"
+      - { name: explode, service: exploding, type: test_panic }
+"#;
+
+#[tokio::test]
+async fn a_walk_that_times_out_or_panics_records_where_it_broke_off() {
+    let settings = format!("{SETTINGS}limits: {{ request_timeout_secs: 1 }}\n");
+    let dir = PolicyDir::new(&[("gateway.yaml", &settings), ("whoami.yaml", WHOAMI)]);
+    let (id, _) = add_client(dir.path(), "read", "client_credentials").await;
+    // Written after the client: the registry tool does not know the test kinds.
+    dir.write("broken.yaml", BROKEN);
+    let gw = dir.start_with(test_kinds::KINDS).await;
+    wait_known_client(&gw, &id).await;
+    for (path, status) in [("/slow", 504), ("/boom", 500)] {
+        let r = send(
+            gw.public_addr,
+            request(Method::GET, path)
+                .header("x-client", &id)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+    }
+    let m = scrape(&gw).await;
+    let svc = "gateway_service_requests_total";
+    let node = "gateway_node_requests_total";
+    let comp = "gateway_composite_requests_total";
+    for (policy, waiting, composite) in [
+        ("slow", ("wait", "backend"), "slow-flow"),
+        ("boom", ("explode", "exploding"), "boom-flow"),
+    ] {
+        let exception = |name: &str, labels: &[(&str, &str)]| {
+            let mut all = labels.to_vec();
+            all.extend([("client", id.as_str()), ("outcome", "exception")]);
+            m.value(name, &all)
+        };
+        // The request, labelled by the client the chain had identified.
+        assert_eq!(
+            exception(svc, &[("service", policy)]),
+            Some(1.0),
+            "{policy}:\n{}",
+            m.dump(svc)
+        );
+        // The node it broke off in, and that node's context, as exceptions.
+        assert_eq!(
+            m.value(
+                node,
+                &[
+                    ("policy", policy),
+                    ("node", waiting.0),
+                    ("outcome", "exception")
+                ]
+            ),
+            Some(1.0),
+            "{policy}:\n{}",
+            m.dump(node)
+        );
+        assert_eq!(
+            exception(svc, &[("service", waiting.1)]),
+            Some(1.0),
+            "{policy}:\n{}",
+            m.dump(svc)
+        );
+        assert_eq!(
+            exception(comp, &[("composite", composite)]),
+            Some(1.0),
+            "{policy}:\n{}",
+            m.dump(comp)
+        );
+    }
+    // The node before, in both policies: its context passed.
+    assert_eq!(
+        m.value(
+            svc,
+            &[
+                ("service", "ident"),
+                ("client", &id),
+                ("outcome", "success")
+            ]
+        ),
+        Some(2.0),
+        "{}",
+        m.dump(svc)
+    );
+    // The timed-out node's time runs to the deadline (1 s), not to its own end (5 s).
+    let waited = m.get(
+        "gateway_node_duration_seconds_sum",
+        &[("policy", "slow"), ("node", "wait")],
+    );
+    assert!((0.9..3.0).contains(&waited), "{waited} s");
+}
+
 /// A grant_type dispatch between a client_credentials node `cc` and a refresh node `refresh`,
 /// both with the given `monitoring.enabled`.
 fn dispatch_policy(enabled: bool) -> String {
