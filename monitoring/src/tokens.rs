@@ -35,7 +35,9 @@ pub enum RefreshOutcome {
     InvalidScope,
     UnauthorizedClient,
     UnsupportedGrantType,
-    /// Lost the race: a concurrent refresh of the same token won.
+    /// The token just rotated was presented again within the reuse grace window (a client
+    /// that lost the answer, or lost a race to a concurrent refresh of it): answered with the
+    /// same new pair, not counted as reuse. Outside the window that is `ReuseDetected`.
     Replayed,
     /// The filter itself failed (store down, ...).
     Error,
