@@ -258,12 +258,21 @@ struct Contexts {
     /// Inline for up to two node-level contexts (the token endpoint has one): no allocation
     /// per request for the usual policy.
     seen: SmallVec<[Option<(Outcome, Span)>; 2]>,
+    /// Per composite of the policy, once a node opened it (see [`crate::runtime::Composite`]):
+    /// the worst outcome and the time since. Empty when no filter declares one.
+    opened: SmallVec<[Option<(Outcome, Span)>; 1]>,
 }
 
 impl Contexts {
     fn new(policy: &Policy) -> Self {
+        let opened = if policy.composites.iter().any(|c| !c.on_policy) {
+            smallvec::smallvec![None; policy.composites.len()]
+        } else {
+            SmallVec::new()
+        };
         Contexts {
             seen: smallvec::smallvec![None; policy.contexts.len()],
+            opened,
         }
     }
 
@@ -279,10 +288,32 @@ impl Contexts {
                 Some((o, d)) => (o.worst(outcome), d + elapsed),
             });
         }
+        if !self.opened.is_empty() {
+            self.through_composites(node, outcome, elapsed);
+        }
     }
 
-    /// Records each service context seen, and each of the policy's composites once: `walk`
-    /// long, with the worst of the contexts' outcomes and the request's own.
+    /// A node's time counts in every composite it or a node before it opened; its outcome
+    /// only in those it opened, or if it is a service (it runs in a context).
+    fn through_composites(&mut self, node: &Node, outcome: Outcome, elapsed: Span) {
+        for (k, slot) in self.opened.iter_mut().enumerate() {
+            let opens = node.opens == Some(k);
+            match slot {
+                Some((o, d)) => {
+                    *d += elapsed;
+                    if opens || node.context.is_some() {
+                        *o = o.worst(outcome);
+                    }
+                }
+                None if opens => *slot = Some((outcome, elapsed)),
+                None => {}
+            }
+        }
+    }
+
+    /// Records each service context seen, and each composite the request entered once: the
+    /// policy's `walk` long, with the worst of the contexts' outcomes and the request's own;
+    /// a filter's from that filter on (see [`crate::runtime::Composite`]).
     fn record<'a>(
         self,
         policy: &'a Policy,
@@ -302,9 +333,18 @@ impl Contexts {
                 .record(clients.of(&ctx.client_attribute), outcome, elapsed);
             worst = worst.worst(outcome);
         }
-        for composite in &policy.composites {
+        for (k, composite) in policy.composites.iter().enumerate() {
+            let (outcome, elapsed) = if composite.on_policy {
+                (worst, walk)
+            } else {
+                match self.opened.get(k) {
+                    Some(&Some((o, d))) => (o.worst(overall), d),
+                    // The request never reached the filter that declares it.
+                    _ => continue,
+                }
+            };
             let client = clients.of(&composite.client_attribute);
-            composite.metrics.record(client, worst, walk);
+            composite.metrics.record(client, outcome, elapsed);
         }
     }
 }

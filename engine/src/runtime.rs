@@ -30,6 +30,9 @@ pub struct Node {
     pub metrics: Option<NodeMetrics>,
     /// Index into [`Policy::contexts`] of the service context this node runs in, if any.
     pub context: Option<usize>,
+    /// Index into [`Policy::composites`] of the composite this node's filter declares (its
+    /// `composite_context`), which a request enters when it reaches this node.
+    pub opens: Option<usize>,
 }
 
 /// A service context of a policy's nodes (`service:` on a node, or a filter's own monitoring
@@ -40,13 +43,19 @@ pub struct Context {
     pub client_attribute: Arc<str>,
 }
 
-/// A composite context around the policy's service contexts (the policy's
-/// `monitoring.composite`, or a filter whose `composite_context` is true), recorded once per
-/// request: the chain's time, the worst of its contexts' outcomes and of the answer's.
+/// A composite context around service contexts, recorded once per request that enters it,
+/// with the worst of its outcomes and of the answer's:
+/// - the policy's `monitoring.composite` covers the whole chain: every request, the chain's
+///   time, every service context;
+/// - a filter whose `composite_context` is true opens one where it stands: the requests that
+///   reach it, from its start to the chain's end, the filter's outcome and those of the
+///   service contexts after it.
 pub struct Composite {
     pub metrics: CompositeMetrics,
     /// The attribute whose value labels the client: the policy's, or the declaring filter's.
     pub client_attribute: Arc<str>,
+    /// Declared on the policy (else by a filter, which opens it: [`Node::opens`]).
+    pub on_policy: bool,
 }
 
 pub struct Policy {
@@ -171,6 +180,7 @@ pub async fn build(
             .map(|c| Composite {
                 metrics: monitoring.composite(c),
                 client_attribute: p.monitoring.client_attribute.as_str().into(),
+                on_policy: true,
             })
             .collect();
         for n in &p.nodes {
@@ -200,6 +210,7 @@ pub async fn build(
                     let context_name = n.service.clone().or_else(|| {
                         own.map(|m| m.service.clone().unwrap_or_else(|| n.name.clone()))
                     });
+                    let mut opens = None;
                     let context = match (on, context_name) {
                         (true, Some(name)) => {
                             let client_attribute: Arc<str> = own
@@ -207,13 +218,19 @@ pub async fn build(
                                 .unwrap_or(&p.monitoring.client_attribute)
                                 .into();
                             if own.is_some_and(|m| m.composite_context) {
-                                // The filter's context is a composite around the others (one
-                                // series per name, however many filters declare it).
-                                if !composites.iter().any(|c| c.metrics.name() == name) {
-                                    composites.push(Composite {
-                                        metrics: monitoring.composite(&name),
-                                        client_attribute,
-                                    });
+                                // The filter's context is a composite around the contexts
+                                // after it (one series per name, however many declare it; the
+                                // policy's own, of the same name, already covers the chain).
+                                match composites.iter().position(|c| c.metrics.name() == name) {
+                                    Some(k) => opens = (!composites[k].on_policy).then_some(k),
+                                    None => {
+                                        composites.push(Composite {
+                                            metrics: monitoring.composite(&name),
+                                            client_attribute,
+                                            on_policy: false,
+                                        });
+                                        opens = Some(composites.len() - 1);
+                                    }
                                 }
                                 None
                             } else if name == p.service {
@@ -245,6 +262,7 @@ pub async fn build(
                         on_failure: n.on_failure,
                         metrics: on.then(|| monitoring.node(&p.name, &n.name)),
                         context,
+                        opens,
                     });
                 }
                 Err(e) => {

@@ -16,8 +16,9 @@ pub struct MonitoringConfig {
     /// The attribute that identifies the client; the OAuth filters set it to the client id
     /// once the client has authenticated.
     pub client_attribute: String,
-    /// This filter's service context is a composite context: it wraps the policy's other
-    /// service contexts and passes only if all of them pass.
+    /// This filter's service context is a composite context, which a request enters when it
+    /// reaches this filter: it wraps this filter and the service contexts after it, and passes
+    /// only if all of them pass (and the answer is not an error).
     pub composite_context: bool,
     /// The service context name (default: the node's name).
     pub service: Option<String>,

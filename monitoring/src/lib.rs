@@ -82,11 +82,13 @@
 //! - A node whose `monitoring.enabled` is `false` gets no handle and records nothing.
 //! - `client_attribute` names the exchange attribute whose value goes to [`Monitoring::client`]
 //!   (`None` when the attribute is missing).
-//! - A composite (the policy's `monitoring.composite`, or a filter's `composite_context: true`)
-//!   is recorded once per request with [`CompositeMetrics::record`]: the chain's whole time
-//!   (from its first node's start to its last node's end), and the worst outcome of the
-//!   chain's service contexts and of the request's answer. A [`CompositeScope`] does the same
-//!   for a caller that runs the services itself and times them from the scope's opening.
+//! - A composite is recorded once per request that enters it, with
+//!   [`CompositeMetrics::record`]: the policy's `monitoring.composite` with the chain's whole
+//!   time and the worst outcome of its service contexts and of the answer; a filter's
+//!   `composite_context: true` from that filter on (the requests that reach it, its time to the
+//!   chain's end, its outcome and those of the contexts after it, and the answer's). A
+//!   [`CompositeScope`] does the same for a caller that runs the services itself and times
+//!   them from the scope's opening.
 //! - [`Monitoring::set_known_clients`] with the application registry's ids at start-up and
 //!   after each reload; [`Monitoring::store`] once per configured store at start-up, so the
 //!   live-token and purged series exist before the first purge.
