@@ -36,8 +36,6 @@ pub struct Walk {
     /// `run_now` stopped before node `at`: its filter declined to answer without waiting, so
     /// the next step awaits it instead of asking again.
     waiting: bool,
-    /// When the walk started (its first node's start).
-    start: Mark,
     /// The end of the last node, or the walk's start; `None` when the walk is not timed
     /// (`Policy::times_nodes`). One clock read serves as the end of a node and the start of
     /// the next.
@@ -64,7 +62,6 @@ impl Walk {
                 Some(0)
             },
             waiting: false,
-            start,
             mark: policy.times_nodes.then_some(start),
             keep_trail,
             trail: Vec::with_capacity(if keep_trail { policy.nodes.len() } else { 0 }),
@@ -90,7 +87,7 @@ impl Walk {
                 // Most nodes pass: they go on here, without a call to `after` per node.
                 Some(Ok(Flow::Pass)) => {
                     let elapsed = self.node_ended(i);
-                    self.passed(node, elapsed);
+                    self.passed(policy, node, elapsed);
                 }
                 _ => {
                     if let Some(finished) = self.after(policy, i, ex, answer) {
@@ -126,7 +123,7 @@ impl Walk {
         if let Some(i) = self.at.take() {
             let elapsed = self.node_ended(i);
             self.contexts
-                .node(&policy.nodes[i], Outcome::Exception, elapsed);
+                .node(policy, &policy.nodes[i], Outcome::Exception, elapsed);
         }
     }
 
@@ -141,20 +138,19 @@ impl Walk {
     }
 
     /// Records the service contexts the walk went through (once per request each, with the
-    /// composite around them), once the walk is over.
+    /// composites around them), once the walk is over; `request` is the request's whole time,
+    /// which the policy's composite takes.
     pub fn record<'a>(
         &mut self,
         policy: &'a Policy,
         clients: &mut ClientLabels<'a>,
         overall: Outcome,
+        request: Span,
     ) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
-        // A composite spans the walk: from its start to the end of its last node (a walk with
-        // a composite is timed, so `mark` is that end).
-        let walk = self.mark.map_or(Span::ZERO, |end| self.start.until(end));
-        std::mem::take(&mut self.contexts).record(policy, clients, overall, walk);
+        std::mem::take(&mut self.contexts).record(policy, clients, overall, request);
     }
 
     /// Takes node `i`'s answer: records it and moves to the next node, or ends the walk.
@@ -170,16 +166,16 @@ impl Walk {
         let elapsed = self.node_ended(i);
         match answer {
             Some(Ok(Flow::Pass)) => {
-                self.passed(node, elapsed);
+                self.passed(policy, node, elapsed);
                 None
             }
             Some(Ok(Flow::Respond(response))) => {
                 let outcome = outcome_of(&response);
-                self.contexts.node(node, outcome, elapsed);
+                self.contexts.node(policy, node, outcome, elapsed);
                 Some(self.finish(response, outcome))
             }
             Some(Ok(Flow::Fail(failure))) => {
-                self.contexts.node(node, Outcome::Failure, elapsed);
+                self.contexts.node(policy, node, Outcome::Failure, elapsed);
                 if let Some(next) = node.on_failure {
                     ex.set(FAILURE_REASON, failure.reason);
                     self.at = Some(next);
@@ -198,8 +194,8 @@ impl Walk {
     /// A node passed after `elapsed`: it is recorded and the walk moves to its `on_success`
     /// edge.
     #[inline(always)]
-    fn passed(&mut self, node: &Node, elapsed: Span) {
-        self.contexts.node(node, Outcome::Success, elapsed);
+    fn passed(&mut self, policy: &Policy, node: &Node, elapsed: Span) {
+        self.contexts.node(policy, node, Outcome::Success, elapsed);
         self.at = node.on_success;
     }
 
@@ -232,7 +228,8 @@ impl Walk {
 
     /// A node that broke: an exception, answered with the error's response.
     fn broke(&mut self, policy: &Policy, node: &Node, e: FilterError, elapsed: Span) -> Finished {
-        self.contexts.node(node, Outcome::Exception, elapsed);
+        self.contexts
+            .node(policy, node, Outcome::Exception, elapsed);
         tracing::error!(policy = %policy.name, node = %node.name, kind = node.kind, error = %e, "filter error");
         self.finish(e.to_response(), Outcome::Exception)
     }
@@ -252,32 +249,32 @@ impl Walk {
     }
 }
 
-/// Outcome and time of each service context that ran during one request.
+/// Outcome and time of each service context that ran during one request, then of each
+/// composite a node opened.
 #[derive(Default)]
 struct Contexts {
-    /// Inline for up to two node-level contexts (the token endpoint has one): no allocation
-    /// per request for the usual policy.
+    /// One slot per service context of the policy, then (when a filter declares a composite)
+    /// one per composite: the worst outcome and the time since a node opened it (see
+    /// [`crate::runtime::Composite`]). Inline for up to two slots (the token endpoint has one
+    /// context): no allocation per request for the usual policy, and a walk small enough that
+    /// the request's future stays on the allocator's fast path.
     seen: SmallVec<[Option<(Outcome, Span)>; 2]>,
-    /// Per composite of the policy, once a node opened it (see [`crate::runtime::Composite`]):
-    /// the worst outcome and the time since. Empty when no filter declares one.
-    opened: SmallVec<[Option<(Outcome, Span)>; 1]>,
 }
 
 impl Contexts {
     fn new(policy: &Policy) -> Self {
-        let opened = if policy.composites.iter().any(|c| !c.on_policy) {
-            smallvec::smallvec![None; policy.composites.len()]
+        let composites = if policy.composites.iter().any(|c| !c.on_policy) {
+            policy.composites.len()
         } else {
-            SmallVec::new()
+            0
         };
         Contexts {
-            seen: smallvec::smallvec![None; policy.contexts.len()],
-            opened,
+            seen: smallvec::smallvec![None; policy.contexts.len() + composites],
         }
     }
 
-    #[inline]
-    fn node(&mut self, node: &Node, outcome: Outcome, elapsed: Span) {
+    #[inline(always)]
+    fn node(&mut self, policy: &Policy, node: &Node, outcome: Outcome, elapsed: Span) {
         if let Some(m) = &node.metrics {
             m.record(outcome, elapsed);
         }
@@ -288,15 +285,17 @@ impl Contexts {
                 Some((o, d)) => (o.worst(outcome), d + elapsed),
             });
         }
-        if !self.opened.is_empty() {
-            self.through_composites(node, outcome, elapsed);
+        if self.seen.len() > policy.contexts.len() {
+            self.through_composites(policy.contexts.len(), node, outcome, elapsed);
         }
     }
 
     /// A node's time counts in every composite it or a node before it opened; its outcome
-    /// only in those it opened, or if it is a service (it runs in a context).
-    fn through_composites(&mut self, node: &Node, outcome: Outcome, elapsed: Span) {
-        for (k, slot) in self.opened.iter_mut().enumerate() {
+    /// only in those it opened, or if it is a service (it runs in a context). The composites'
+    /// slots start at `first`.
+    #[inline(never)]
+    fn through_composites(&mut self, first: usize, node: &Node, outcome: Outcome, elapsed: Span) {
+        for (k, slot) in self.seen[first..].iter_mut().enumerate() {
             let opens = node.opens == Some(k);
             match slot {
                 Some((o, d)) => {
@@ -312,32 +311,32 @@ impl Contexts {
     }
 
     /// Records each service context seen, and each composite the request entered once: the
-    /// policy's `walk` long, with the worst of the contexts' outcomes and the request's own;
-    /// a filter's from that filter on (see [`crate::runtime::Composite`]).
+    /// policy's `request` long, with the worst of the contexts' outcomes and the request's
+    /// own; a filter's from that filter on (see [`crate::runtime::Composite`]).
     fn record<'a>(
         self,
         policy: &'a Policy,
         clients: &mut ClientLabels<'a>,
         overall: Outcome,
-        walk: Span,
+        request: Span,
     ) {
+        let (contexts, opened) = self.seen.split_at(policy.contexts.len());
         // The request as a whole is part of a composite too: a failure answered outside any
         // node-level context still fails it.
         let mut worst = overall;
-        for (i, seen) in self.seen.into_iter().enumerate() {
-            let Some((outcome, elapsed)) = seen else {
+        for (ctx, seen) in policy.contexts.iter().zip(contexts) {
+            let Some((outcome, elapsed)) = *seen else {
                 continue;
             };
-            let ctx = &policy.contexts[i];
             ctx.metrics
                 .record(clients.of(&ctx.client_attribute), outcome, elapsed);
             worst = worst.worst(outcome);
         }
         for (k, composite) in policy.composites.iter().enumerate() {
             let (outcome, elapsed) = if composite.on_policy {
-                (worst, walk)
+                (worst, request)
             } else {
-                match self.opened.get(k) {
+                match opened.get(k) {
                     Some(&Some((o, d))) => (o.worst(overall), d),
                     // The request never reached the filter that declares it.
                     _ => continue,

@@ -45,8 +45,8 @@ pub struct Context {
 
 /// A composite context around service contexts, recorded once per request that enters it,
 /// with the worst of its outcomes and of the answer's:
-/// - the policy's `monitoring.composite` covers the whole chain: every request, the chain's
-///   time, every service context;
+/// - the policy's `monitoring.composite` covers the whole chain: every request, its whole time
+///   (as the policy's own context), every service context;
 /// - a filter whose `composite_context` is true opens one where it stands: the requests that
 ///   reach it, from its start to the chain's end, the filter's outcome and those of the
 ///   service contexts after it.

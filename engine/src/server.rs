@@ -502,11 +502,11 @@ impl Ending {
         let mut clients = ClientLabels::new(ex, &state.monitoring);
         let (response, outcome, trail) = match run {
             Ok(f) => {
-                walk.record(policy, &mut clients, f.outcome);
+                walk.record(policy, &mut clients, f.outcome, started.until(end));
                 (f.response, f.outcome, f.trail)
             }
             Err(broke) => {
-                walk.record(policy, &mut clients, Outcome::Exception);
+                walk.record(policy, &mut clients, Outcome::Exception, started.until(end));
                 (broke.response(), Outcome::Exception, walk.take_trail())
             }
         };

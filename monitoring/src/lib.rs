@@ -83,7 +83,7 @@
 //! - `client_attribute` names the exchange attribute whose value goes to [`Monitoring::client`]
 //!   (`None` when the attribute is missing).
 //! - A composite is recorded once per request that enters it, with
-//!   [`CompositeMetrics::record`]: the policy's `monitoring.composite` with the chain's whole
+//!   [`CompositeMetrics::record`]: the policy's `monitoring.composite` with the request's whole
 //!   time and the worst outcome of its service contexts and of the answer; a filter's
 //!   `composite_context: true` from that filter on (the requests that reach it, its time to the
 //!   chain's end, its outcome and those of the contexts after it, and the answer's). A

@@ -696,10 +696,14 @@ async fn a_composite_takes_the_time_of_the_chain_around_its_services() {
         if on_the_policy {
             // Six requests, each through the composite once.
             assert_eq!(count, 6.0, "{}", m.dump(&format!("{comp}_count")));
-            // Per request, the grant nodes' times are parts of the chain's, and the chain is
-            // part of the request's (which also reads the body). A composite timed apart from
-            // its services (the time it takes to record them) is far below their sum: a grant
-            // node hashes, draws and stores tokens.
+            // The policy's composite takes the request's time, as the policy's own context does;
+            // the grant nodes' times are parts of it. A composite timed apart from its services
+            // (the time it takes to record them) is far below their sum: a grant node hashes,
+            // draws and stores tokens.
+            assert!(
+                (composite - requests).abs() <= requests * 1e-9,
+                "composite {composite} s, the requests {requests} s"
+            );
             let inside: f64 = services
                 .iter()
                 .map(|s| m.get(&format!("{svc}_sum"), &[("service", s)]))
