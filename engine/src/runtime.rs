@@ -70,8 +70,9 @@ pub struct Policy {
     pub composites: Vec<Composite>,
     pub nodes: Vec<Node>,
     /// Whether the walk is timed: some node records its time (node metrics or a node-level
-    /// service context) or a composite records the walk's. The chain reads the clock between
-    /// nodes only then.
+    /// service context) or a filter's composite takes the time from that filter on. The chain
+    /// reads the clock between nodes only then (the policy's composite takes the request's
+    /// time, which needs no node's).
     pub times_nodes: bool,
 }
 
@@ -280,7 +281,7 @@ pub async fn build(
             metrics: policy_on.then(|| monitoring.service(&p.service)),
             client_attribute: p.monitoring.client_attribute.as_str().into(),
             contexts,
-            times_nodes: !composites.is_empty()
+            times_nodes: composites.iter().any(|c| !c.on_policy)
                 || nodes
                     .iter()
                     .any(|n| n.metrics.is_some() || n.context.is_some()),
