@@ -222,7 +222,7 @@ impl Walk {
         Finished {
             response,
             outcome,
-            trail: std::mem::take(&mut self.trail),
+            trail: self.take_trail(),
         }
     }
 
@@ -244,7 +244,7 @@ impl Walk {
         Finished {
             response,
             outcome,
-            trail: std::mem::take(&mut self.trail),
+            trail: self.take_trail(),
         }
     }
 }

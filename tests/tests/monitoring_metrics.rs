@@ -177,15 +177,21 @@ policies:
         body: hello
 "#;
 
-async fn whoami(addr: SocketAddr, client: &str) -> Resp {
+/// `GET path` with `x-client: client`, the header the test policies put in the client
+/// attribute.
+async fn get_as(addr: SocketAddr, path: &str, client: &str) -> Resp {
     send(
         addr,
-        request(Method::GET, "/whoami")
+        request(Method::GET, path)
             .header("x-client", client)
             .body(Full::new(Bytes::new()))
             .unwrap(),
     )
     .await
+}
+
+async fn whoami(addr: SocketAddr, client: &str) -> Resp {
+    get_as(addr, "/whoami", client).await
 }
 
 /// The registered client ids are loaded into the metrics' label set by a task that starts with
@@ -228,7 +234,12 @@ async fn start_with_client(
 }
 
 async fn token_post(addr: SocketAddr, auth: &str, form: &[(&str, &str)]) -> Resp {
-    post_form(addr, TOKEN, &[("authorization", auth)], form).await
+    token_post_at(addr, TOKEN, auth, form).await
+}
+
+/// A form posted to the token endpoint at `path`, with `auth` as the Authorization header.
+async fn token_post_at(addr: SocketAddr, path: &str, auth: &str, form: &[(&str, &str)]) -> Resp {
+    post_form(addr, path, &[("authorization", auth)], form).await
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -753,10 +764,11 @@ policies:
 async fn every_composite_is_recorded_and_labelled_by_its_own_client_attribute() {
     let (_dir, gw, id, secret) =
         start_with_client(&[("flows.yaml", TWO_COMPOSITES)], "client_credentials").await;
-    let r = post_form(
+    let auth = basic(&id, &secret);
+    let r = token_post_at(
         gw.public_addr,
         "/flows-token",
-        &[("authorization", &basic(&id, &secret))],
+        &auth,
         &[("grant_type", "client_credentials")],
     )
     .await;
@@ -809,14 +821,7 @@ async fn a_node_in_the_policys_own_context_does_not_count_the_request_twice() {
     let (_dir, gw, id, _) =
         start_with_client(&[("same.yaml", SAME_CONTEXT)], "client_credentials").await;
     for _ in 0..3 {
-        let r = send(
-            gw.public_addr,
-            request(Method::GET, "/same")
-                .header("x-client", &id)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+        let r = get_as(gw.public_addr, "/same", &id).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
     let m = scrape(&gw).await;
@@ -854,10 +859,11 @@ policies:
 async fn a_policy_with_monitoring_off_counts_no_tokens_nor_store_operations() {
     let (_dir, gw, id, secret) =
         start_with_client(&[("silent.yaml", SILENT_TOKEN)], "client_credentials").await;
-    let r = post_form(
+    let auth = basic(&id, &secret);
+    let r = token_post_at(
         gw.public_addr,
         "/silent-token",
-        &[("authorization", &basic(&id, &secret))],
+        &auth,
         &[("grant_type", "client_credentials")],
     )
     .await;
@@ -909,14 +915,7 @@ async fn a_walk_that_times_out_or_panics_records_where_it_broke_off() {
     let gw = dir.start_with(test_kinds::KINDS).await;
     wait_known_client(&gw, &id).await;
     for (path, status) in [("/slow", 504), ("/boom", 500)] {
-        let r = send(
-            gw.public_addr,
-            request(Method::GET, path)
-                .header("x-client", &id)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+        let r = get_as(gw.public_addr, path, &id).await;
         assert_eq!(r.status, status, "{path}: {}", r.text());
     }
     let m = scrape(&gw).await;
@@ -1303,14 +1302,7 @@ policies:
 async fn policy_settings_engine(path: &str) -> (PolicyDir, Gateway, String) {
     let (dir, gw, id, _) =
         start_with_client(&[("custom.yaml", POLICY_SETTINGS)], "client_credentials").await;
-    let r = send(
-        gw.public_addr,
-        request(Method::GET, path)
-            .header("x-client", id.as_str())
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let r = get_as(gw.public_addr, path, &id).await;
     assert_eq!(r.status, 200, "{path}: {}", r.text());
     (dir, gw, id)
 }
