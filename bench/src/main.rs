@@ -19,7 +19,7 @@
 //! Subcommands are the pieces it runs in their own processes (and that you can run alone):
 //! `one CASE` (one run, JSON; `--perf FILE` records the server with `perf`), `side A B` (two
 //! servers at once on one core, the side-by-side measurement of the metrics cost), `loadgen`,
-//! `sqlite-ref`, `mem-tokens`.
+//! `sqlite-ref`, `mem-tokens`, `evict`.
 
 #![forbid(unsafe_code)]
 
@@ -60,6 +60,9 @@ usage:
   bench mem-tokens --kind memory|hashmap|moka [--pairs N]
                 (memory: also the median times of a family revocation and of the purge pass
                 that sweeps it, beside a pass with nothing to sweep)
+  bench evict [--max-tokens N]
+                (the memory store's rotations alone, ns each: filling to half, to full, then
+                twice full, where every write evicts; run it pinned: taskset -c 0)
 
 cases: ceiling chain chain-metrics-off refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
        refresh-postgres (PostgreSQL: TEST_DATABASE_URL, default
@@ -137,6 +140,19 @@ fn main() -> anyhow::Result<()> {
         Some("loadgen") => loadgen_cmd(&args),
         Some("sqlite-ref") => sqlite_ref(&args),
         Some("mem-tokens") => mem_tokens(&args),
+        Some("evict") => {
+            let max_tokens: u64 = args.num("--max-tokens", 1_000_000)?;
+            let (ns, evictions) = storebench::rotations_at_cap(max_tokens)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "max_tokens": max_tokens,
+                    "ns_per_rotation": { "to_half": ns[0], "to_full": ns[1], "full": ns[2], "full_again": ns[3] },
+                    "evictions": evictions,
+                })
+            );
+            Ok(())
+        }
         Some("probe") => {
             let ns = hostprobe::round_trip_ns()?;
             println!("{}", serde_json::json!({ "cpu0_cpu1_round_trip_ns": ns }));

@@ -4,6 +4,8 @@
 //!   `TokenStore::rotate` with a decision that mints a successor pair, as the filter's does),
 //!   `tasks` chains at once on a runtime with the same worker count as the gateway. This is the
 //!   denominator of the `refresh-sqlite >= 0.75x` target.
+//! - `rotations_at_cap`: the memory store's rotations alone, below its `max_tokens` and once
+//!   full (every write then evicts), to time what eviction adds.
 //! - `memory_per_token`: RSS delta per entry for N entries in the `MemoryStore`, in a plain
 //!   `std::collections::HashMap<[u8; 32], _>` holding the same fields (the baseline), or in a
 //!   moka cache at its leanest (no expiry, no listener, no bound; the floor of a moka store).
@@ -152,6 +154,57 @@ pub async fn rotate_loop(
         p50_us: pct(0.5),
         p99_us: pct(0.99),
     })
+}
+
+/// Nanoseconds per rotation of the memory store (no HTTP, the calling thread only) in the
+/// phases of one run: filling up to half of `max_tokens`, reaching it, then twice once full.
+/// 64 chains rotate in turn; issue times advance one second per 5,000 rotations, so that a full
+/// store spans some minutes of issues as it would at a few thousand grants per second (a store
+/// that turns over within one second ties every rank on its issue second).
+pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], u64)> {
+    use store::ImmediateStore;
+    const CHAINS: usize = 64;
+    let store = store::memory::MemoryStore::new(max_tokens);
+    let t0 = store::now();
+    let mut heads = Vec::with_capacity(CHAINS);
+    for _ in 0..CHAINS {
+        let issue = new_issue(grant("bench-client"), FamilyId::random(), 0, t0);
+        heads.push(issue.refresh.expect("refresh").digest);
+        store.issue_now(issue)?;
+    }
+    let mut done = 0usize;
+    let mut rotate = |count: u64| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        for _ in 0..count {
+            let now = t0 + (done / 5000) as i64;
+            let chain = done % CHAINS;
+            done += 1;
+            let (access, refresh) = (random_digest(), random_digest());
+            let decide = |old: &RefreshToken| {
+                let mut issue = new_issue(old.grant.clone(), old.family, old.generation + 1, now);
+                issue.access.digest = access;
+                issue.refresh = Some(NewToken {
+                    digest: refresh,
+                    expires_at: now + 43200,
+                });
+                RotateDecision::Rotate(issue)
+            };
+            match store.rotate_now(&heads[chain], "bench-client", now, &decide)? {
+                RotateOutcome::Rotated { .. } => heads[chain] = refresh,
+                other => anyhow::bail!("rotation {done} failed: {other:?}"),
+            }
+        }
+        Ok(started.elapsed().as_nanos() as f64 / count.max(1) as f64)
+    };
+    // Each rotation adds two entries (the new pair; the old refresh token stays as a tombstone).
+    let half = max_tokens / 4;
+    let phases = [
+        rotate(half)?,
+        rotate(half)?,
+        rotate(2 * half)?,
+        rotate(2 * half)?,
+    ];
+    Ok((phases, store.evictions()))
 }
 
 /// The memory store's entry, field for field, in a plain HashMap: the baseline.

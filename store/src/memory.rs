@@ -19,8 +19,10 @@
 //! writes to, 1/[`EVICTION_BATCH`] of that shard scaled to an equal share (shards take unequal
 //! shares of the keys, see [`ShardMap`]). A shard is written in proportion to its share and
 //! evicts in proportion to its size over its share, so every shard keeps the same span of
-//! issues and this is close to evicting the oldest entries of the whole store. Evictions are
-//! counted.
+//! issues and this is close to evicting the oldest entries of the whole store. Finding a
+//! batch is a pass over the shard, which also sets aside the entries ranked next (the shard's
+//! [`Reserve`]) for the next evictions, so a refresh storm against a full store makes one pass
+//! per 1 + [`RESERVE_BATCHES`] batches of a shard. Evictions are counted.
 //!
 //! Every change to an existing entry (consume, revoke) happens under the lock of the token's
 //! family, taken from a small set of striped mutexes. That makes rotation atomic (of N
@@ -40,7 +42,7 @@
 
 mod table;
 
-use std::collections::HashSet;
+use std::collections::{BinaryHeap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -59,11 +61,11 @@ const SHARDS: usize = 256;
 /// Family lock stripes.
 const LOCK_STRIPES: usize = 64;
 /// When the store is full, a write evicts 1/EVICTION_BATCH of the shard it writes to (scaled
-/// to an equal share, [`ShardMap::batch`]; or just what it needs, if more). Finding a batch
-/// costs three passes over the shard, so each evicted entry pays for 3 × EVICTION_BATCH visits:
-/// at 1/64 a refresh storm against a full store spent 8.8% of the gateway's CPU evicting, at
-/// 1/16 3.4% (perf, `bench one refresh-memory`), for a store that then runs between 94% and
-/// 100% of `max_tokens` instead of 98.5% and 100%.
+/// to an equal share, [`ShardMap::batch`]; or just what it needs, if more). Batches are found
+/// by passes over the shard (see [`RESERVE_BATCHES`]): when a batch cost three passes, at 1/64
+/// a refresh storm against a full store spent 8.8% of the gateway's CPU evicting, at 1/16 3.4%
+/// (perf, `bench one refresh-memory`), for a store that then runs between 94% and 100% of
+/// `max_tokens` instead of 98.5% and 100%.
 const EVICTION_BATCH: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,8 +149,123 @@ impl Entry {
 
 type Table = table::Table<Entry>;
 
+/// One shard: its table and the next victims of its evictions.
+#[derive(Default)]
+struct Shard {
+    table: Table,
+    reserve: Reserve,
+}
+
+/// The entries an eviction pass found ranked just above the ones it evicted, taken by the
+/// shard's next evictions without a pass of their own while nothing can have ranked below
+/// them since. A pass reads every entry of the shard, most of them out of cache (a cache miss
+/// per entry); a batch from the reserve reads only the entries it removes.
+///
+/// The ranks ([`Entry::eviction_rank`]) of the entries that stay only go down through a
+/// revocation (the store's `rank_epoch` moves) or an expiry (`until`, the earliest expiry of the
+/// shard's live entries), and an entry written since ranks below a reserved one only if it was
+/// issued no later (`max_issued`): each of these empties the reserve, and the next eviction
+/// makes a pass. So the reserve always holds the lowest-ranked entries of the shard, in order,
+/// as a pass would find them (or some of them gone: purged or evicted, which a pop skips).
+#[derive(Default)]
+struct Reserve {
+    /// Lowest-ranked last (taken with `pop`).
+    next: Vec<Digest>,
+    max_issued: UnixTime,
+    until: UnixTime,
+    epoch: u64,
+}
+
+impl Reserve {
+    fn valid(&self, now: UnixTime, epoch: u64) -> bool {
+        !self.next.is_empty() && self.epoch == epoch && now < self.until
+    }
+
+    /// A new entry: one that could rank below a reserved one ends the reserve.
+    fn written(&mut self, issued_at: UnixTime, expires_at: UnixTime, dead: bool) {
+        if self.next.is_empty() {
+            return;
+        }
+        if dead || issued_at <= self.max_issued {
+            self.next = Vec::new();
+        } else {
+            self.until = self.until.min(expires_at);
+        }
+    }
+}
+
+/// One pass over a shard: evicts its `n` lowest-ranked entries and reserves the `spare` ranked
+/// next. A max-heap keeps the lowest ranks seen so far: an entry that ranks below its top takes
+/// its place. Entries come in hash order, random against their rank, so only about
+/// k·(1 + ln(len/k)) of them enter a heap of k. Returns how many went.
+fn evict_pass(
+    table: &mut Table,
+    reserve: &mut Reserve,
+    n: usize,
+    spare: usize,
+    now: UnixTime,
+    revoked: &Revoked,
+) -> usize {
+    let keep = n + spare;
+    let mut lowest: BinaryHeap<Victim> = BinaryHeap::with_capacity(keep.min(table.len()));
+    let mut until = UnixTime::MAX;
+    for (digest, e) in table.iter() {
+        if e.expires_at > now {
+            until = until.min(e.expires_at);
+        }
+        let rank = e.eviction_rank(now, revoked);
+        if lowest.len() < keep {
+            lowest.push(Victim(rank, *digest));
+        } else if let Some(mut top) = lowest.peek_mut()
+            && rank < top.0
+        {
+            *top = Victim(rank, *digest);
+        }
+    }
+    let ranked = lowest.into_sorted_vec();
+    let (victims, next) = ranked.split_at(n.min(ranked.len()));
+    for Victim(_, digest) in victims {
+        table.remove(digest);
+    }
+    reserve.next = next.iter().rev().map(|v| v.1).collect();
+    reserve.max_issued = next.iter().map(|v| v.0.1).max().unwrap_or(UnixTime::MIN);
+    reserve.until = until;
+    victims.len()
+}
+
+/// How many batches an eviction pass reserves for the next evictions of its shard: with four,
+/// a pass serves up to five, and a full store holds 4/[`EVICTION_BATCH`] of its entries' digests
+/// once more (8 bytes per entry, 8 MB at a million). Rotations of the store alone against a full
+/// million tokens (`taskset -c 0 bench evict`, three runs each, adjacent): 1,950–2,220 ns with
+/// the three passes per batch of before, 1,600–1,880 with four batches reserved, 1,520–1,720
+/// with eight; 990–1,130 filling up to the cap, where nothing is evicted.
+const RESERVE_BATCHES: usize = 4;
+
 /// See [`Entry::eviction_rank`].
 type Rank = (bool, UnixTime, UnixTime);
+
+/// An eviction candidate, ordered by its rank alone.
+struct Victim(Rank, Digest);
+
+impl PartialEq for Victim {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Victim {}
+
+impl PartialOrd for Victim {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Victim {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
 
 /// Hashes a family id by folding its two halves. Family ids are random 128-bit numbers the
 /// gateway draws itself, never a client's choice, so this needs none of SipHash's defence, and
@@ -280,7 +397,7 @@ enum Found {
 /// cache and about 175 ns when they do not (`bench probe` times a round trip, two transfers);
 /// whole runs did not resolve what padding saved (bench/PROFILING.md, 2026-12-05).
 pub struct MemoryStore {
-    shards: Box<[CachePadded<Mutex<Table>>]>,
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
     shard_map: ShardMap,
     locks: Box<[CachePadded<Mutex<()>>]>,
     /// Families revoked whose entries the purge has not yet removed (see the module's doc).
@@ -292,6 +409,9 @@ pub struct MemoryStore {
     sweeping: AtomicBool,
     max_tokens: u64,
     counts: CachePadded<Counts>,
+    /// Moves at every revocation (a token's, or a family's into or out of the revoked set):
+    /// the ranks of entries already written go down only then, or at an expiry ([`Reserve`]).
+    rank_epoch: AtomicU64,
 }
 
 /// The store's counters, written by every write (`len`) or every eviction.
@@ -308,7 +428,7 @@ impl MemoryStore {
     pub fn new(max_tokens: u64) -> Self {
         MemoryStore {
             shards: (0..SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(Table::default())))
+                .map(|_| CachePadded::new(Mutex::new(Shard::default())))
                 .collect(),
             shard_map: ShardMap::new(),
             locks: (0..LOCK_STRIPES)
@@ -319,6 +439,7 @@ impl MemoryStore {
             sweeping: AtomicBool::new(false),
             max_tokens: max_tokens.max(1),
             counts: CachePadded::default(),
+            rank_epoch: AtomicU64::new(0),
         }
     }
 
@@ -356,22 +477,25 @@ impl MemoryStore {
         let families = Arc::make_mut(&mut set.0);
         change(families);
         self.revoked_len.store(families.len(), Ordering::Release);
+        self.rank_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     fn lock(&self, family: FamilyId) -> MutexGuard<'_, ()> {
         locked(&self.locks[(family.0 as usize) % LOCK_STRIPES])
     }
 
-    fn shard(&self, digest: &Digest) -> MutexGuard<'_, Table> {
+    fn shard(&self, digest: &Digest) -> MutexGuard<'_, Shard> {
         locked(&self.shards[self.shard_map.of(digest)])
     }
 
     fn read<R>(&self, digest: &Digest, f: impl FnOnce(&Entry) -> R) -> Option<R> {
-        self.shard(digest).get(digest).map(f)
+        self.shard(digest).table.get(digest).map(f)
     }
 
+    /// Changes an entry in place. A change that lowers its eviction rank (a revocation) must
+    /// also move `rank_epoch`.
     fn update<R>(&self, digest: &Digest, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
-        self.shard(digest).get_mut(digest).map(f)
+        self.shard(digest).table.get_mut(digest).map(f)
     }
 
     /// Makes room for new entries under these digests, all of them before any is written (so
@@ -401,8 +525,14 @@ impl MemoryStore {
     }
 
     fn put(&self, digest: Digest, entry: Entry) {
-        let mut table = self.shard(&digest);
-        if table.insert(digest, entry).is_none() {
+        let mut shard = self.shard(&digest);
+        // An entry of a revoked family ranks below every live one. No rotation writes one
+        // (the family is checked under its lock), but an issue names its own family.
+        let dead = !shard.reserve.next.is_empty() && self.family_revoked(entry.family());
+        shard
+            .reserve
+            .written(entry.issued_at, entry.expires_at, dead);
+        if shard.table.insert(digest, entry).is_none() {
             // Counted under the shard's lock, so that no eviction or purge can take the entry
             // (and count it out) before it is counted in.
             self.counts.len.fetch_add(1, Ordering::Relaxed);
@@ -412,42 +542,39 @@ impl MemoryStore {
     /// Evicts the lowest-ranked entries of one shard (see [`Entry::eviction_rank`]): at least
     /// `at_least` of them (as many as it holds), and a batch of 1/[`EVICTION_BATCH`] of the
     /// shard scaled to an equal share ([`ShardMap::batch`]), so that the pass over the shard
-    /// that finds them is paid once per batch and not once per write. Returns how many went.
-    fn evict_batch(&self, shard: usize, at_least: u64, now: UnixTime) -> u64 {
-        let mut table = locked(&self.shards[shard]);
+    /// that finds them is paid once per batch and not once per write; they come from the
+    /// shard's [`Reserve`] while it is valid, then from a pass. Returns how many went.
+    fn evict_batch(&self, index: usize, at_least: u64, now: UnixTime) -> u64 {
+        let mut guard = locked(&self.shards[index]);
+        let Shard { table, reserve } = &mut *guard;
+        // Read under the shard's lock (a token's revocation moves it under that lock) and
+        // before the revoked families a pass reads: a reserve is never dated later than what
+        // it was ranked by.
+        let epoch = self.rank_epoch.load(Ordering::SeqCst);
         // Shards are written in proportion to their share of the keys (see [`ShardMap`]), so
         // a batch in proportion to the shard's size over its share keeps the same span of
         // issues in every shard, and a shard that holds more than its share evicts more.
-        let n = self
-            .shard_map
-            .batch(shard, table.len())
-            .max(at_least as usize)
-            .min(table.len());
-        if n == 0 {
-            return 0;
-        }
-        let revoked = self.revoked_now();
-        let mut ranks: Vec<Rank> = table
-            .values()
-            .map(|e| e.eviction_rank(now, &revoked))
-            .collect();
-        let cutoff = *ranks.select_nth_unstable(n - 1).1;
-        // Everything ranked below the cutoff goes, then as many at the cutoff as make n.
-        let mut at_cutoff = n - ranks.iter().filter(|&&r| r < cutoff).count();
-        table.retain(|_, e| {
-            let r = e.eviction_rank(now, &revoked);
-            if r < cutoff {
-                false
-            } else if r == cutoff && at_cutoff > 0 {
-                at_cutoff -= 1;
-                false
-            } else {
-                true
+        let batch = self.shard_map.batch(index, table.len());
+        let n = batch.max(at_least as usize).min(table.len());
+        let mut evicted = 0;
+        if reserve.valid(now, epoch) {
+            while evicted < n
+                && let Some(digest) = reserve.next.pop()
+            {
+                evicted += usize::from(table.remove(&digest).is_some());
             }
-        });
-        self.counts.len.fetch_sub(n as u64, Ordering::Relaxed);
-        self.counts.evictions.fetch_add(n as u64, Ordering::Relaxed);
-        n as u64
+        }
+        if evicted < n {
+            let revoked = self.revoked_now();
+            let spare = batch * RESERVE_BATCHES;
+            evicted += evict_pass(table, reserve, n - evicted, spare, now, &revoked);
+            reserve.epoch = epoch;
+        }
+        self.counts.len.fetch_sub(evicted as u64, Ordering::Relaxed);
+        self.counts
+            .evictions
+            .fetch_add(evicted as u64, Ordering::Relaxed);
+        evicted as u64
     }
 
     fn write_issue(&self, issue: &Issue, family: FamilyId, generation: u32) {
@@ -477,14 +604,17 @@ impl MemoryStore {
 
     /// Removes a shard's expired entries and those of the `revoked` families, counted out of
     /// the store's length; returns how many went.
-    fn purge_shard(&self, shard: &Mutex<Table>, now: UnixTime, revoked: &Revoked) -> u64 {
-        let mut table = locked(shard);
+    fn purge_shard(&self, shard: &Mutex<Shard>, now: UnixTime, revoked: &Revoked) -> u64 {
+        let mut shard = locked(shard);
+        let table = &mut shard.table;
         let before = table.len();
         table.retain(|_, e| e.expires_at > now && !revoked.contains(e.family()));
         let gone = (before - table.len()) as u64;
-        // Give memory back after a wave of expiries.
+        // Give memory back after a wave of expiries, the reserve's too: a store that was full
+        // may no longer be.
         if gone > 0 {
             table.shrink_if_sparse();
+            shard.reserve = Reserve::default();
         }
         self.counts.len.fetch_sub(gone, Ordering::Relaxed);
         gone
@@ -674,6 +804,7 @@ impl TokenStore for MemoryStore {
                 let live = e.is_live(now);
                 if live {
                     e.state = State::Revoked;
+                    self.rank_epoch.fetch_add(1, Ordering::SeqCst);
                 }
                 live
             })
@@ -705,6 +836,7 @@ impl TokenStore for MemoryStore {
         let mut live = 0;
         for shard in self.shards.iter() {
             live += locked(shard)
+                .table
                 .values()
                 .filter(|e| e.is_live(now) && !revoked.contains(e.family()))
                 .count() as u64;
@@ -742,7 +874,7 @@ mod tests {
         let store = MemoryStore::new(10);
         let at = |r: &dyn std::any::Any| r as *const dyn std::any::Any as *const u8 as usize;
         let line = |a: usize| a / 64;
-        let last_byte = std::mem::size_of::<Mutex<Table>>() - 1;
+        let last_byte = std::mem::size_of::<Mutex<Shard>>() - 1;
         for pair in store.shards.windows(2) {
             let (end, next) = (at(&pair[0]) + last_byte, at(&pair[1]));
             assert_ne!(line(end), line(next), "two shards share a line");
@@ -846,6 +978,115 @@ mod tests {
         assert!(held(5), "a tombstone newer than live entries stays");
         assert_eq!(store.entry_count(), 5);
         assert_eq!(store.evictions(), 4);
+    }
+
+    /// Every eviction, from a pass or from the reserve of an earlier one, takes exactly its
+    /// batch and nothing that ranks above an entry it leaves, while entries are written (some
+    /// issued before the reserved ones), revoked one by one or by family, and expire.
+    #[tokio::test(flavor = "current_thread")]
+    async fn evictions_from_the_reserve_take_what_a_pass_would() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let store = MemoryStore::new(u64::MAX);
+        let t0 = crate::now();
+        let mut families: Vec<FamilyId> = (1..=40).map(FamilyId).collect();
+        let mut revoked_families: Vec<FamilyId> = Vec::new();
+        let digest_in_shard_zero = |rng: &mut rand::rngs::StdRng| {
+            let mut d = [0u8; 32];
+            rng.fill(&mut d[..8]);
+            rng.fill(&mut d[16..]);
+            Digest(d)
+        };
+        let ranks = |now: UnixTime| -> std::collections::HashMap<Digest, Rank> {
+            let revoked = store.revoked_now();
+            locked(&store.shards[0])
+                .table
+                .iter()
+                .map(|(d, e)| (*d, e.eviction_rank(now, &revoked)))
+                .collect()
+        };
+        let (mut from_reserve, mut passes) = (0, 0);
+        for step in 0..1500 {
+            let now = t0 + step;
+            // Now and then, an entry issued earlier than what a reserve may hold.
+            let late = rng.random_bool(0.05);
+            for i in 0..rng.random_range(5..60) {
+                let d = digest_in_shard_zero(&mut rng);
+                let issued = now
+                    - if late && i == 0 {
+                        rng.random_range(0..40)
+                    } else {
+                        0
+                    };
+                // Some expire during the test, before entries written earlier.
+                let ttl = if rng.random_bool(0.005) {
+                    1..4
+                } else {
+                    100..2000
+                };
+                let expires = issued + rng.random_range(ttl);
+                let mut e = live(issued, expires);
+                // Now and then one into a revoked family, which no rotation writes.
+                let f = if i == 1 && !revoked_families.is_empty() && rng.random_bool(0.05) {
+                    revoked_families[rng.random_range(0..revoked_families.len())]
+                } else {
+                    families[rng.random_range(0..families.len())]
+                };
+                e.family = [(f.0 >> 64) as u64, f.0 as u64];
+                store.put(d, e);
+            }
+            match rng.random_range(0..40) {
+                0 => {
+                    let held: Vec<Digest> = ranks(now).into_keys().collect();
+                    let d = held[rng.random_range(0..held.len())];
+                    store.revoke_token(&d).await.expect("revoke");
+                }
+                1 => {
+                    let at = rng.random_range(0..families.len());
+                    let f = families[at];
+                    store.revoke_family_now(f).expect("revoke family");
+                    revoked_families.push(f);
+                    families[at] = FamilyId(1000 + step as u128);
+                }
+                _ => {}
+            }
+            let before = ranks(now);
+            let (valid, reserved) = {
+                let shard = locked(&store.shards[0]);
+                let epoch = store.rank_epoch.load(Ordering::SeqCst);
+                (shard.reserve.valid(now, epoch), shard.reserve.next.len())
+            };
+            let at_least = rng.random_range(1..4);
+            let expected = store
+                .shard_map
+                .batch(0, before.len())
+                .max(at_least)
+                .min(before.len());
+            let evicted = store.evict_batch(0, at_least as u64, now) as usize;
+            let after = ranks(now);
+            assert_eq!(evicted, expected, "step {step}");
+            assert_eq!(before.len() - after.len(), expected, "step {step}");
+            let highest_gone = before
+                .iter()
+                .filter(|(d, _)| !after.contains_key(d))
+                .map(|(_, r)| *r)
+                .max();
+            let lowest_kept = after.values().min().copied();
+            if let (Some(gone), Some(kept)) = (highest_gone, lowest_kept) {
+                assert!(gone <= kept, "step {step}: evicted {gone:?}, kept {kept:?}");
+            }
+            let left = locked(&store.shards[0]).reserve.next.len();
+            if valid && reserved > 0 && left < reserved {
+                from_reserve += 1;
+            } else {
+                passes += 1;
+            }
+        }
+        // Both paths ran, the reserve's often.
+        assert!(
+            from_reserve > 200 && passes > 200,
+            "{from_reserve} from the reserve, {passes} passes"
+        );
     }
 
     #[test]
@@ -1045,7 +1286,11 @@ mod tests {
             let digest = Digest::of(&i.to_string());
             store.put(digest, live(now, now + 60));
             if i % 64 == 0 {
-                let growing: Vec<bool> = store.shards.iter().map(|s| locked(s).growing()).collect();
+                let growing: Vec<bool> = store
+                    .shards
+                    .iter()
+                    .map(|s| locked(s).table.growing())
+                    .collect();
                 for (g, &now_growing) in grew.iter_mut().zip(&growing) {
                     *g |= now_growing;
                 }

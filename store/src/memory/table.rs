@@ -117,6 +117,24 @@ impl<V> Table<V> {
         self.current.values().chain(self.retiring.values())
     }
 
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&Digest, &V)> {
+        self.current.iter().chain(self.retiring.iter())
+    }
+
+    /// Removes a key; a growth in progress is not advanced (the caller is taking entries out,
+    /// which leaves the new table more room, not less).
+    pub(super) fn remove(&mut self, key: &Digest) -> Option<V> {
+        if !self.retiring.is_empty()
+            && let Some(v) = self.retiring.remove(key)
+        {
+            if self.retiring.is_empty() {
+                self.retiring = Map::default();
+            }
+            return Some(v);
+        }
+        self.current.remove(key)
+    }
+
     pub(super) fn retain(&mut self, mut keep: impl FnMut(&Digest, &mut V) -> bool) {
         self.current.retain(&mut keep);
         if !self.retiring.is_empty() {
@@ -180,6 +198,25 @@ mod tests {
         assert!(growths >= 8, "{growths} growths");
         assert_eq!(t.values().count(), 20_000);
         assert_eq!(t.get(&key(20_000)), None);
+    }
+
+    #[test]
+    fn removal_during_a_growth_finds_a_key_on_either_side_once() {
+        let mut t = Table::default();
+        let mut i = 0u64;
+        while !t.growing() {
+            t.insert(key(i), i);
+            i += 1;
+        }
+        let old_side = t.retiring.iter().map(|(k, v)| (*k, *v)).next().unwrap();
+        let new_side = t.current.iter().map(|(k, v)| (*k, *v)).next().unwrap();
+        assert_eq!(t.iter().count(), t.len());
+        assert_eq!(t.remove(&old_side.0), Some(old_side.1));
+        assert_eq!(t.remove(&new_side.0), Some(new_side.1));
+        assert_eq!((t.remove(&old_side.0), t.remove(&new_side.0)), (None, None));
+        assert_eq!(t.len(), i as usize - 2);
+        assert_eq!(t.iter().count(), t.len());
+        assert!(t.iter().all(|(k, v)| *k == key(*v)));
     }
 
     #[test]
