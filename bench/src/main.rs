@@ -142,12 +142,14 @@ fn main() -> anyhow::Result<()> {
         Some("mem-tokens") => mem_tokens(&args),
         Some("evict") => {
             let max_tokens: u64 = args.num("--max-tokens", 1_000_000)?;
-            let (ns, evictions) = storebench::rotations_at_cap(max_tokens)?;
+            let (ns, tail, evictions) = storebench::rotations_at_cap(max_tokens)?;
             println!(
                 "{}",
                 serde_json::json!({
                     "max_tokens": max_tokens,
                     "ns_per_rotation": { "to_half": ns[0], "to_full": ns[1], "full": ns[2], "full_again": ns[3] },
+                    "full_p999_ns": tail[0],
+                    "full_max_ns": tail[1],
                     "evictions": evictions,
                 })
             );
