@@ -174,11 +174,15 @@ struct Reserve {
     max_issued: UnixTime,
     until: UnixTime,
     epoch: u64,
+    /// The `now` of the pass: an eviction with an earlier clock (a worker that read it before
+    /// waiting for the shard, or a clock stepped back) could find reserved entries that the
+    /// pass ranked as expired still live.
+    since: UnixTime,
 }
 
 impl Reserve {
     fn valid(&self, now: UnixTime, epoch: u64) -> bool {
-        !self.next.is_empty() && self.epoch == epoch && now < self.until
+        !self.next.is_empty() && self.epoch == epoch && (self.since..self.until).contains(&now)
     }
 
     /// A new entry: one that could rank below a reserved one ends the reserve.
@@ -240,6 +244,7 @@ fn evict_pass(
         .max()
         .unwrap_or(UnixTime::MIN);
     reserve.until = until;
+    reserve.since = now;
     victims.len()
 }
 
@@ -537,6 +542,9 @@ impl MemoryStore {
             // Counted under the shard's lock, so that no eviction or purge can take the entry
             // (and count it out) before it is counted in.
             self.counts.len.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // A digest written again (an issue sent twice) may be a reserved one, now newer.
+            shard.reserve.next = Vec::new();
         }
     }
 
@@ -963,6 +971,7 @@ mod tests {
         // 3 revoked and 4 expired (not yet purged) are dead; 5, a consumed refresh token
         // issued after 1 and 2, is the tombstone that detects its replay.
         store.update(&in_shard_zero(3), |e| e.state = State::Revoked);
+        store.rank_epoch.fetch_add(1, Ordering::SeqCst); // as `revoke_token` does
         write(&store, 5, live(now + 50, now + 900));
         store.update(&in_shard_zero(5), |e| e.state = State::Consumed);
         write(&store, 6, live(now + 40, now + 1000));
@@ -994,6 +1003,8 @@ mod tests {
             now,
             now + 1,
             (1 << 62) - 1,
+            1 << 62,
+            i64::MAX,
         ];
         let mut tuples = Vec::new();
         for live in [false, true] {
@@ -1016,6 +1027,52 @@ mod tests {
                 a.1.clamp(-(1 << 62), (1 << 62) - 1)
             );
         }
+    }
+
+    #[test]
+    fn an_eviction_on_a_clock_behind_the_pass_does_not_use_its_reserve() {
+        let store = MemoryStore::new(u64::MAX);
+        let t0 = crate::now();
+        let expiry = t0 + 100;
+        let in_zero = |n: u32| {
+            let mut d = [0u8; 32];
+            d[..4].copy_from_slice(&n.to_be_bytes());
+            d[16] = 1;
+            Digest(d)
+        };
+        // Old entries that live long, and newer ones that expire at `expiry`.
+        for n in 0..200 {
+            store.put(in_zero(n), live(t0, t0 + 10_000));
+        }
+        for n in 200..300 {
+            store.put(in_zero(n), live(t0 + 50, expiry));
+        }
+        let ranks = |now: UnixTime| -> std::collections::HashMap<Digest, Rank> {
+            let revoked = store.revoked_now();
+            let shard = locked(&store.shards[0]);
+            shard
+                .table
+                .iter()
+                .map(|(d, e)| (*d, e.eviction_rank(now, &revoked)))
+                .collect()
+        };
+        // A pass at `expiry` evicts expired entries and reserves more of them.
+        store.evict_batch(0, 1, expiry);
+        assert!(!locked(&store.shards[0]).reserve.next.is_empty());
+        // A worker whose clock read a second earlier: those entries are live for it, and newer
+        // than the old ones, which must go first.
+        let before = ranks(expiry - 1);
+        store.evict_batch(0, 1, expiry - 1);
+        let after = ranks(expiry - 1);
+        let gone = before.iter().filter(|(d, _)| !after.contains_key(d));
+        let highest_gone = gone.map(|(_, r)| *r).max().unwrap();
+        let lowest_kept = *after.values().min().unwrap();
+        assert!(highest_gone <= lowest_kept);
+        assert_eq!(
+            rank_issued_at(highest_gone),
+            t0,
+            "the old entries went first"
+        );
     }
 
     /// Every eviction, from a pass or from the reserve of an earlier one, takes exactly its
@@ -1086,8 +1143,17 @@ mod tests {
                     revoked_families.push(f);
                     families[at] = FamilyId(1000 + step as u128);
                 }
+                2 => {
+                    // A digest written again (an issue sent twice), newer than before.
+                    let held: Vec<Digest> = ranks(now).into_keys().collect();
+                    let d = held[rng.random_range(0..held.len())];
+                    store.put(d, live(now, now + rng.random_range(100..2000)));
+                }
                 _ => {}
             }
+            // Some evictions run on a clock a second behind the last one (a worker that read
+            // it before waiting for the shard's lock).
+            let now = if rng.random_bool(0.1) { now - 1 } else { now };
             let before = ranks(now);
             let (valid, reserved) = {
                 let shard = locked(&store.shards[0]);
