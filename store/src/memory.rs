@@ -164,8 +164,9 @@ struct Shard {
 /// The ranks ([`Entry::eviction_rank`]) of the entries that stay only go down through a
 /// revocation (the store's `rank_epoch` moves) or an expiry (`until`, the earliest expiry of the
 /// shard's live entries), and an entry written since ranks below a reserved one only if it was
-/// issued no later (`max_issued`): each of these empties the reserve, and the next eviction
-/// makes a pass. So the reserve always holds the lowest-ranked entries of the shard, in order,
+/// issued no later (`max_issued`), or one written again: each of these empties the reserve,
+/// and the next eviction makes a pass, as does one whose clock reads earlier than the pass's
+/// (`since`). So the reserve always holds the lowest-ranked entries of the shard, in order,
 /// as a pass would find them (or some of them gone: purged or evicted, which a pop skips).
 #[derive(Default)]
 struct Reserve {
