@@ -158,9 +158,13 @@ pub async fn rotate_loop(
 
 /// Nanoseconds per rotation of the memory store (no HTTP, the calling thread only) in the
 /// phases of one run: filling up to half of `max_tokens`, reaching it, then twice once full.
-/// 64 chains rotate in turn; issue times advance one second per 5,000 rotations, so that a full
-/// store spans some minutes of issues as it would at a few thousand grants per second (a store
-/// that turns over within one second ties every rank on its issue second).
+/// 64 chains rotate in turn; issue times advance one second per `max_tokens / 200` rotations
+/// (5,000 at a million), so that a full store spans 100 s of issues, as it would at a few
+/// thousand grants per second. A store that turns over within one second ties every rank on
+/// its issue second, and its evictions then take any of its entries, the chains' newest too;
+/// so does a store of a few entries per shard (at 2,000 tokens, 8 per shard), where a shard's
+/// oldest may be seconds old while older tokens sit in other shards: the run then stops at the
+/// rotation that finds its chain's token evicted (as at f495ccd, before the reserve).
 pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], u64)> {
     use store::ImmediateStore;
     const CHAINS: usize = 64;
@@ -172,6 +176,7 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], 
         heads.push(issue.refresh.expect("refresh").digest);
         store.issue_now(issue)?;
     }
+    let per_second = (max_tokens / 200).max(1);
     let mut done = 0usize;
     // Each rotation's time once full: the ones that make a pass over a shard are the tail.
     let mut full_ns: Vec<u64> = Vec::new();
@@ -179,7 +184,7 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], 
         let started = Instant::now();
         for _ in 0..count {
             let t = Instant::now();
-            let now = t0 + (done / 5000) as i64;
+            let now = t0 + (done as u64 / per_second) as i64;
             let chain = done % CHAINS;
             done += 1;
             let (access, refresh) = (random_digest(), random_digest());
@@ -211,7 +216,12 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], 
         rotate(2 * half, true)?,
     ];
     full_ns.sort_unstable();
-    let at = |q: f64| full_ns[((full_ns.len() as f64 * q) as usize).min(full_ns.len() - 1)] as f64;
+    let at = |q: f64| {
+        let last = full_ns.len().saturating_sub(1);
+        full_ns
+            .get(((full_ns.len() as f64 * q) as usize).min(last))
+            .map_or(0.0, |&ns| ns as f64)
+    };
     Ok((phases, [at(0.999), at(1.0)], store.evictions()))
 }
 
