@@ -36,17 +36,35 @@ fn grant(client_id: &str) -> Arc<Grant> {
 }
 
 fn new_issue(grant: Arc<Grant>, family: FamilyId, generation: u32, now: i64) -> Issue {
+    issue_of(
+        grant,
+        family,
+        generation,
+        now,
+        [random_digest(), random_digest()],
+    )
+}
+
+/// An issue of the refresh grant's lifetimes (3600 s, 43200 s) under these digests: a rotation's
+/// decision, which must mint the same tokens however many times the store asks it.
+fn issue_of(
+    grant: Arc<Grant>,
+    family: FamilyId,
+    generation: u32,
+    now: i64,
+    [access, refresh]: [Digest; 2],
+) -> Issue {
     Issue {
         grant,
         family,
         generation,
         issued_at: now,
         access: NewToken {
-            digest: random_digest(),
+            digest: access,
             expires_at: now + 3600,
         },
         refresh: Some(NewToken {
-            digest: random_digest(),
+            digest: refresh,
             expires_at: now + 43200,
         }),
         access_grant: None,
@@ -90,22 +108,15 @@ pub async fn rotate_loop(
                 let now = store::now();
                 let (access, refresh) = (random_digest(), random_digest());
                 let decide = |old: &RefreshToken| {
-                    RotateDecision::Rotate(Issue {
-                        grant: Arc::new(Grant::clone(&old.grant)),
-                        family: old.family,
-                        generation: old.generation + 1,
-                        issued_at: now,
-                        access: NewToken {
-                            digest: access,
-                            expires_at: now + 3600,
-                        },
-                        refresh: Some(NewToken {
-                            digest: refresh,
-                            expires_at: now + 43200,
-                        }),
-                        access_grant: None,
-                        replay: None,
-                    })
+                    let grant = Arc::new(Grant::clone(&old.grant));
+                    let next = old.generation + 1;
+                    RotateDecision::Rotate(issue_of(
+                        grant,
+                        old.family,
+                        next,
+                        now,
+                        [access, refresh],
+                    ))
                 };
                 let started = phase.load(Ordering::Relaxed);
                 let t0 = Instant::now();
@@ -189,13 +200,8 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], 
             done += 1;
             let (access, refresh) = (random_digest(), random_digest());
             let decide = |old: &RefreshToken| {
-                let mut issue = new_issue(old.grant.clone(), old.family, old.generation + 1, now);
-                issue.access.digest = access;
-                issue.refresh = Some(NewToken {
-                    digest: refresh,
-                    expires_at: now + 43200,
-                });
-                RotateDecision::Rotate(issue)
+                let (grant, next) = (old.grant.clone(), old.generation + 1);
+                RotateDecision::Rotate(issue_of(grant, old.family, next, now, [access, refresh]))
             };
             match store.rotate_now(&heads[chain], "bench-client", now, &decide)? {
                 RotateOutcome::Rotated { .. } => heads[chain] = refresh,

@@ -186,12 +186,14 @@ impl Reserve {
         !self.next.is_empty() && self.epoch == epoch && (self.since..self.until).contains(&now)
     }
 
-    /// A new entry: one that could rank below a reserved one ends the reserve.
-    fn written(&mut self, issued_at: UnixTime, expires_at: UnixTime, dead: bool) {
+    /// An entry written: one that could rank below a reserved one ends the reserve, as does
+    /// one that `ends` it whatever its times (an entry of a revoked family, or a digest written
+    /// again, which may be a reserved one, now newer).
+    fn written(&mut self, issued_at: UnixTime, expires_at: UnixTime, ends: bool) {
         if self.next.is_empty() {
             return;
         }
-        if dead || issued_at <= self.max_issued {
+        if ends || issued_at <= self.max_issued {
             self.next = Vec::new();
         } else {
             self.until = self.until.min(expires_at);
@@ -532,21 +534,20 @@ impl MemoryStore {
     }
 
     fn put(&self, digest: Digest, entry: Entry) {
+        let (issued_at, expires_at) = (entry.issued_at, entry.expires_at);
         let mut shard = self.shard(&digest);
         // An entry of a revoked family ranks below every live one. No rotation writes one
         // (the family is checked under its lock), but an issue names its own family.
-        let dead = !shard.reserve.next.is_empty() && self.family_revoked(entry.family());
-        shard
-            .reserve
-            .written(entry.issued_at, entry.expires_at, dead);
-        if shard.table.insert(digest, entry).is_none() {
+        let revoked = !shard.reserve.next.is_empty() && self.family_revoked(entry.family());
+        let replaced = shard.table.insert(digest, entry).is_some();
+        if !replaced {
             // Counted under the shard's lock, so that no eviction or purge can take the entry
             // (and count it out) before it is counted in.
             self.counts.len.fetch_add(1, Ordering::Relaxed);
-        } else {
-            // A digest written again (an issue sent twice) may be a reserved one, now newer.
-            shard.reserve.next = Vec::new();
         }
+        shard
+            .reserve
+            .written(issued_at, expires_at, revoked || replaced);
     }
 
     /// Evicts the lowest-ranked entries of one shard (see [`Entry::eviction_rank`]): at least

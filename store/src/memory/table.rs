@@ -200,14 +200,20 @@ mod tests {
         assert_eq!(t.get(&key(20_000)), None);
     }
 
-    #[test]
-    fn removal_during_a_growth_finds_a_key_on_either_side_once() {
+    /// A table just past the insert that started a growth, and how many keys it holds.
+    fn growing_table() -> (Table<u64>, u64) {
         let mut t = Table::default();
         let mut i = 0u64;
         while !t.growing() {
             t.insert(key(i), i);
             i += 1;
         }
+        (t, i)
+    }
+
+    #[test]
+    fn removal_during_a_growth_finds_a_key_on_either_side_once() {
+        let (mut t, i) = growing_table();
         let old_side = t.retiring.iter().map(|(k, v)| (*k, *v)).next().unwrap();
         let new_side = t.current.iter().map(|(k, v)| (*k, *v)).next().unwrap();
         assert_eq!(t.iter().count(), t.len());
@@ -221,12 +227,7 @@ mod tests {
 
     #[test]
     fn replacing_removing_and_changing_during_a_growth() {
-        let mut t = Table::default();
-        let mut i = 0u64;
-        while !t.growing() {
-            t.insert(key(i), i);
-            i += 1;
-        }
+        let (mut t, i) = growing_table();
         // Key 0 is still in the retiring table: replacing it returns the old value, once.
         assert!(t.retiring.contains_key(&key(0)));
         assert_eq!(t.insert(key(0), 100), Some(0));
