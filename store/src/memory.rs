@@ -81,15 +81,18 @@ enum State {
     Revoked,
 }
 
-/// What a consumed refresh token remembers about its rotation. Boxed behind the entry so that
-/// live entries, the vast majority, do not pay for it.
+/// What a consumed refresh token remembers about its rotation, when that rotation left a
+/// response to replay (`reuse_grace_secs`). Boxed behind the entry so that live entries, the
+/// vast majority, do not pay for it; a rotation with nothing to replay (the default) writes
+/// none, so its tombstone is the entry alone: no allocation on the grant, none to free when
+/// the tombstone goes.
 #[derive(Debug)]
 struct Tomb {
     /// The token written by the rotation that consumed this one (the new refresh token, or
     /// the new access token when no refresh token was issued). While it is live, this token
     /// is the immediate predecessor of the live one and may replay.
     successor: Digest,
-    replay: Option<Replay>,
+    replay: Replay,
 }
 
 /// One table entry. Kept small on purpose (see the size test below): the family id is stored
@@ -390,7 +393,7 @@ enum Found {
     WrongClient,
     Consumed {
         family: FamilyId,
-        tomb: Option<(Digest, Option<Replay>)>,
+        tomb: Option<(Digest, Replay)>,
     },
     Live(RefreshToken),
 }
@@ -682,7 +685,9 @@ impl MemoryStore {
             Some(Found::WrongClient) => return RotateOutcome::WrongClient,
             Some(Found::Consumed { family, tomb }) => {
                 let replay = tomb.and_then(|(successor, replay)| {
-                    let replay = replay.filter(|r| r.until > now)?;
+                    if replay.until <= now {
+                        return None;
+                    }
                     let successor_live = self.read(&successor, |s| s.is_live(now));
                     successor_live.unwrap_or(false).then_some(replay)
                 });
@@ -697,15 +702,15 @@ impl MemoryStore {
         };
         let generation = consumed.generation.saturating_add(1);
         self.write_issue(&issue, consumed.family, generation);
-        let tomb = Box::new(Tomb {
-            successor: issue.refresh.map_or(issue.access.digest, |r| r.digest),
-            replay: issue.replay,
-        });
+        let successor = issue.refresh.map_or(issue.access.digest, |r| r.digest);
+        let tomb = issue
+            .replay
+            .map(|replay| Box::new(Tomb { successor, replay }));
         // Absent only if the entry was evicted or purged meanwhile: then there is nothing left
         // to mark, and a replay of it will read as unknown.
         self.update(presented, |e| {
             e.state = State::Consumed;
-            e.tomb = Some(tomb);
+            e.tomb = tomb;
         });
         RotateOutcome::Rotated { consumed }
     }
@@ -1228,6 +1233,52 @@ mod tests {
             .access_token_now(digest, now)
             .expect("lookup")
             .is_some()
+    }
+
+    /// A consumed token keeps its rotation's successor and sealed response only when there is
+    /// a response to replay; otherwise its tombstone is the entry alone (no allocation), and a
+    /// replay of it reads as reuse either way.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_tombstone_holds_a_tomb_only_for_a_response_to_replay() {
+        let memory = Arc::new(MemoryStore::new(1000));
+        let store: SharedStore = memory.clone();
+        let now = crate::now();
+        let tomb = |refresh: &str| {
+            let digest = Digest::of(refresh);
+            memory
+                .read(&digest, |e| {
+                    (e.state, e.tomb.as_ref().map(|t| t.replay.until))
+                })
+                .expect("the consumed token stays as a tombstone")
+        };
+        let first = testing::issue_pair(&store, testing::CLIENT, now).await;
+        let (_, second) = testing::rotate_ok(&store, &first.refresh, now, None).await;
+        assert_eq!(tomb(&first.refresh), (State::Consumed, None));
+
+        let replay = Replay {
+            sealed: b"sealed".to_vec(),
+            until: now + 30,
+        };
+        testing::rotate_ok(&store, &second.refresh, now, Some(replay)).await;
+        assert_eq!(tomb(&second.refresh), (State::Consumed, Some(now + 30)));
+
+        let (issue, _) = testing::successor(testing::grant(testing::CLIENT), now, None);
+        let again = store
+            .rotate(
+                &Digest::of(&first.refresh),
+                testing::CLIENT,
+                now,
+                &testing::rotate_to(issue),
+            )
+            .await
+            .expect("rotate");
+        assert_eq!(
+            again,
+            RotateOutcome::AlreadyRotated {
+                family: first.family,
+                replay: None
+            }
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
