@@ -62,7 +62,8 @@ usage:
                 that sweeps it, beside a pass with nothing to sweep)
   bench evict [--max-tokens N]
                 (the memory store's rotations alone, ns each: filling to half, to full, then
-                twice full, where every write evicts; run it pinned: taskset -c 0)
+                twice full, where every write evicts, and the resident memory after each;
+                run it pinned: taskset -c 0)
 
 cases: ceiling chain chain-metrics-off refresh-memory metrics-off metrics-on sqlite-ref refresh-sqlite
        refresh-postgres (PostgreSQL: TEST_DATABASE_URL, default
@@ -142,7 +143,13 @@ fn main() -> anyhow::Result<()> {
         Some("mem-tokens") => mem_tokens(&args),
         Some("evict") => {
             let max_tokens: u64 = args.num("--max-tokens", 1_000_000)?;
-            let (ns, tail, evictions) = storebench::rotations_at_cap(max_tokens)?;
+            let storebench::AtCap {
+                ns,
+                tail_ns: tail,
+                evictions,
+                rss_kb: rss,
+            } = storebench::rotations_at_cap(max_tokens)?;
+            let mb = |kb: u64| (kb as f64 / 1024.0 * 10.0).round() / 10.0;
             println!(
                 "{}",
                 serde_json::json!({
@@ -151,6 +158,7 @@ fn main() -> anyhow::Result<()> {
                     "full_p999_ns": tail[0],
                     "full_max_ns": tail[1],
                     "evictions": evictions,
+                    "rss_mb": { "to_half": mb(rss[0]), "to_full": mb(rss[1]), "full": mb(rss[2]), "full_again": mb(rss[3]) },
                 })
             );
             Ok(())

@@ -167,6 +167,18 @@ pub async fn rotate_loop(
     })
 }
 
+/// What [`rotations_at_cap`] measures, phase by phase (filling to half, to full, full, full
+/// again).
+pub struct AtCap {
+    /// Nanoseconds per rotation.
+    pub ns: [f64; 4],
+    /// The rotations' tail once full: p99.9 and max, ns.
+    pub tail_ns: [f64; 2],
+    pub evictions: u64,
+    /// The process's resident memory after each phase, kB.
+    pub rss_kb: [u64; 4],
+}
+
 /// Nanoseconds per rotation of the memory store (no HTTP, the calling thread only) in the
 /// phases of one run: filling up to half of `max_tokens`, reaching it, then twice once full.
 /// 64 chains rotate in turn; issue times advance one second per `max_tokens / 200` rotations
@@ -176,7 +188,7 @@ pub async fn rotate_loop(
 /// so does a store of a few entries per shard (at 2,000 tokens, 8 per shard), where a shard's
 /// oldest may be seconds old while older tokens sit in other shards: the run then stops at the
 /// rotation that finds its chain's token evicted (as at f495ccd, before the reserve).
-pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], u64)> {
+pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<AtCap> {
     use store::ImmediateStore;
     const CHAINS: usize = 64;
     let store = store::memory::MemoryStore::new(max_tokens);
@@ -215,12 +227,23 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], 
     };
     // Each rotation adds two entries (the new pair; the old refresh token stays as a tombstone).
     let half = max_tokens / 4;
-    let phases = [
-        rotate(half, false)?,
-        rotate(half, false)?,
-        rotate(2 * half, true)?,
-        rotate(2 * half, true)?,
-    ];
+    // The process's resident memory after each phase: a store at its bound writes as many
+    // entries as it evicts, so the last two should read alike.
+    let rss = || procfs::status_kb("self", "VmRSS").unwrap_or(0);
+    let mut rss_kb = [0; 4];
+    let mut phases = [0.0; 4];
+    for (i, (count, full)) in [
+        (half, false),
+        (half, false),
+        (2 * half, true),
+        (2 * half, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        phases[i] = rotate(count, full)?;
+        rss_kb[i] = rss();
+    }
     full_ns.sort_unstable();
     let at = |q: f64| {
         let last = full_ns.len().saturating_sub(1);
@@ -228,7 +251,12 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<([f64; 4], [f64; 2], 
             .get(((full_ns.len() as f64 * q) as usize).min(last))
             .map_or(0.0, |&ns| ns as f64)
     };
-    Ok((phases, [at(0.999), at(1.0)], store.evictions()))
+    Ok(AtCap {
+        ns: phases,
+        tail_ns: [at(0.999), at(1.0)],
+        evictions: store.evictions(),
+        rss_kb,
+    })
 }
 
 /// The memory store's entry, field for field, in a plain HashMap: the baseline.
