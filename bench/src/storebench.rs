@@ -227,8 +227,9 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<AtCap> {
     };
     // Each rotation adds two entries (the new pair; the old refresh token stays as a tombstone).
     let half = max_tokens / 4;
-    // The process's resident memory after each phase: a store at its bound writes as many
-    // entries as it evicts, so the last two should read alike.
+    // The process's resident memory after each phase. A store at its bound holds as many
+    // entries after the last phase as after the one before: what grows between the two is
+    // memory held beyond the entries (tables rebuilt or doubled, the allocator's free space).
     let rss = || procfs::status_kb("self", "VmRSS").unwrap_or(0);
     let mut rss_kb = [0; 4];
     let mut phases = [0.0; 4];
