@@ -202,7 +202,11 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<AtCap> {
     let per_second = (max_tokens / 200).max(1);
     let mut done = 0usize;
     // Each rotation's time once full: the ones that make a pass over a shard are the tail.
-    let mut full_ns: Vec<u64> = Vec::new();
+    // Written in place into a record whose pages are all touched before the first phase, so
+    // that the resident memory after each phase does not grow with the record.
+    let full_count = (max_tokens as usize / 4) * 4;
+    let mut full_ns: Vec<u64> = vec![u64::MAX; full_count];
+    let mut recorded = 0;
     let mut rotate = |count: u64, full: bool| -> anyhow::Result<f64> {
         let started = Instant::now();
         for _ in 0..count {
@@ -220,7 +224,8 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<AtCap> {
                 other => anyhow::bail!("rotation {done} failed: {other:?}"),
             }
             if full {
-                full_ns.push(t.elapsed().as_nanos() as u64);
+                full_ns[recorded] = t.elapsed().as_nanos() as u64;
+                recorded += 1;
             }
         }
         Ok(started.elapsed().as_nanos() as f64 / count.max(1) as f64)
@@ -245,6 +250,7 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<AtCap> {
         phases[i] = rotate(count, full)?;
         rss_kb[i] = rss();
     }
+    full_ns.truncate(recorded);
     full_ns.sort_unstable();
     let at = |q: f64| {
         let last = full_ns.len().saturating_sub(1);
