@@ -182,8 +182,9 @@ impl<V> Table<V> {
         if !self.retiring.is_empty() {
             return;
         }
-        // Against the room it was allocated with: its `capacity` leaves out removed slots, and
-        // after a churn may read a few times what it holds in a table mostly empty.
+        // Against the room it was allocated with: its `capacity` counts its entries and free
+        // slots but not its removed ones, so a churned table of few entries would not read as
+        // sparse.
         let len = self.current.len();
         if len * 4 < self.room {
             self.current.shrink_to(len * 2);
