@@ -873,6 +873,7 @@ impl TokenStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn entries_stay_small() {
@@ -940,11 +941,40 @@ mod tests {
         access
     }
 
-    /// A digest in shard 0 (bytes 8..16 zero), told apart by its first byte.
-    fn in_shard_zero(n: u8) -> Digest {
+    /// A digest in shard 0 (bytes 8..16 zero), told apart by its first four bytes.
+    fn in_shard_zero(n: u32) -> Digest {
         let mut d = [0u8; 32];
-        d[0] = n;
+        d[..4].copy_from_slice(&n.to_be_bytes());
         Digest(d)
+    }
+
+    /// Shard 0's entries and their eviction ranks at `now`.
+    fn shard_zero_ranks(store: &MemoryStore, now: UnixTime) -> HashMap<Digest, Rank> {
+        let revoked = store.revoked_now();
+        locked(&store.shards[0])
+            .table
+            .iter()
+            .map(|(d, e)| (*d, e.eviction_rank(now, &revoked)))
+            .collect()
+    }
+
+    /// The highest rank an eviction took from `before` (what is not in `after`), asserted (with
+    /// `context` in the message) to be no higher than the lowest it left; `None` when it took
+    /// nothing.
+    fn highest_taken(
+        before: &HashMap<Digest, Rank>,
+        after: &HashMap<Digest, Rank>,
+        context: &str,
+    ) -> Option<Rank> {
+        let gone = before
+            .iter()
+            .filter(|(d, _)| !after.contains_key(d))
+            .map(|(_, r)| *r)
+            .max()?;
+        if let Some(&kept) = after.values().min() {
+            assert!(gone <= kept, "{context}: evicted {gone:?}, kept {kept:?}");
+        }
+        Some(gone)
     }
 
     fn live(issued_at: UnixTime, expires_at: UnixTime) -> Entry {
@@ -962,7 +992,7 @@ mod tests {
         )
     }
 
-    fn write(store: &MemoryStore, n: u8, entry: Entry) {
+    fn write(store: &MemoryStore, n: u32, entry: Entry) {
         store.make_room(&[in_shard_zero(n)]);
         store.put(in_shard_zero(n), entry);
     }
@@ -971,7 +1001,7 @@ mod tests {
     fn eviction_takes_dead_entries_then_the_oldest_and_keeps_newer_tombstones() {
         let store = MemoryStore::new(5);
         let now = crate::now();
-        let held = |n: u8| store.read(&in_shard_zero(n), |_| ()).is_some();
+        let held = |n: u32| store.read(&in_shard_zero(n), |_| ()).is_some();
         for (n, issued, expires) in [(1, 10, 500), (2, 10, 100), (3, 20, 900), (4, 30, -1)] {
             write(&store, n, live(now + issued, now + expires));
         }
@@ -1041,40 +1071,23 @@ mod tests {
         let store = MemoryStore::new(u64::MAX);
         let t0 = crate::now();
         let expiry = t0 + 100;
-        let in_zero = |n: u32| {
-            let mut d = [0u8; 32];
-            d[..4].copy_from_slice(&n.to_be_bytes());
-            d[16] = 1;
-            Digest(d)
-        };
         // Old entries that live long, and newer ones that expire at `expiry`.
         for n in 0..200 {
-            store.put(in_zero(n), live(t0, t0 + 10_000));
+            store.put(in_shard_zero(n), live(t0, t0 + 10_000));
         }
         for n in 200..300 {
-            store.put(in_zero(n), live(t0 + 50, expiry));
+            store.put(in_shard_zero(n), live(t0 + 50, expiry));
         }
-        let ranks = |now: UnixTime| -> std::collections::HashMap<Digest, Rank> {
-            let revoked = store.revoked_now();
-            let shard = locked(&store.shards[0]);
-            shard
-                .table
-                .iter()
-                .map(|(d, e)| (*d, e.eviction_rank(now, &revoked)))
-                .collect()
-        };
         // A pass at `expiry` evicts expired entries and reserves more of them.
         store.evict_batch(0, 1, expiry);
         assert!(!locked(&store.shards[0]).reserve.next.is_empty());
         // A worker whose clock read a second earlier: those entries are live for it, and newer
         // than the old ones, which must go first.
-        let before = ranks(expiry - 1);
+        let before = shard_zero_ranks(&store, expiry - 1);
         store.evict_batch(0, 1, expiry - 1);
-        let after = ranks(expiry - 1);
-        let gone = before.iter().filter(|(d, _)| !after.contains_key(d));
-        let highest_gone = gone.map(|(_, r)| *r).max().unwrap();
-        let lowest_kept = *after.values().min().unwrap();
-        assert!(highest_gone <= lowest_kept);
+        let after = shard_zero_ranks(&store, expiry - 1);
+        assert!(!after.is_empty());
+        let highest_gone = highest_taken(&before, &after, "behind").expect("an eviction");
         assert_eq!(
             rank_issued_at(highest_gone),
             t0,
@@ -1099,14 +1112,7 @@ mod tests {
             rng.fill(&mut d[16..]);
             Digest(d)
         };
-        let ranks = |now: UnixTime| -> std::collections::HashMap<Digest, Rank> {
-            let revoked = store.revoked_now();
-            locked(&store.shards[0])
-                .table
-                .iter()
-                .map(|(d, e)| (*d, e.eviction_rank(now, &revoked)))
-                .collect()
-        };
+        let ranks = |now: UnixTime| shard_zero_ranks(&store, now);
         let (mut from_reserve, mut passes) = (0, 0);
         for step in 0..1500 {
             let now = t0 + step;
@@ -1177,15 +1183,7 @@ mod tests {
             let after = ranks(now);
             assert_eq!(evicted, expected, "step {step}");
             assert_eq!(before.len() - after.len(), expected, "step {step}");
-            let highest_gone = before
-                .iter()
-                .filter(|(d, _)| !after.contains_key(d))
-                .map(|(_, r)| *r)
-                .max();
-            let lowest_kept = after.values().min().copied();
-            if let (Some(gone), Some(kept)) = (highest_gone, lowest_kept) {
-                assert!(gone <= kept, "step {step}: evicted {gone:?}, kept {kept:?}");
-            }
+            highest_taken(&before, &after, &format!("step {step}"));
             let left = locked(&store.shards[0]).reserve.next.len();
             if valid && reserved > 0 && left < reserved {
                 from_reserve += 1;
@@ -1204,7 +1202,7 @@ mod tests {
     fn eviction_takes_the_entries_of_a_revoked_family_first() {
         let store = MemoryStore::new(3);
         let now = crate::now();
-        let held = |n: u8| store.read(&in_shard_zero(n), |_| ()).is_some();
+        let held = |n: u32| store.read(&in_shard_zero(n), |_| ()).is_some();
         let of_family = |family: u128, issued: i64| {
             let mut e = live(now + issued, now + 1000);
             e.family = [0, family as u64];

@@ -137,8 +137,12 @@ impl<V> Table<V> {
                 self.current.insert(*key, v);
             }
         }
+        self.release_if_drained();
+    }
+
+    /// Gives the retiring table's memory back once its last entry has left.
+    fn release_if_drained(&mut self) {
         if self.retiring.is_empty() {
-            // Gives the retiring table's memory back.
             self.retiring = Map::default();
         }
     }
@@ -157,9 +161,7 @@ impl<V> Table<V> {
         if !self.retiring.is_empty()
             && let Some(v) = self.retiring.remove(key)
         {
-            if self.retiring.is_empty() {
-                self.retiring = Map::default();
-            }
+            self.release_if_drained();
             return Some(v);
         }
         self.current.remove(key)
@@ -169,9 +171,7 @@ impl<V> Table<V> {
         self.current.retain(&mut keep);
         if !self.retiring.is_empty() {
             self.retiring.retain(&mut keep);
-            if self.retiring.is_empty() {
-                self.retiring = Map::default();
-            }
+            self.release_if_drained();
         }
     }
 
@@ -300,12 +300,17 @@ mod tests {
         let room = t.room;
         let len = t.len();
         assert!(len * 4 <= room * 3, "{len} entries in a room of {room}");
-        let (mut oldest, mut rebuilds, mut was_growing) = (0u64, 0, false);
+        let mut oldest = 0u64;
+        // One key in, the oldest out.
+        let churn = |t: &mut Table<u64>, next: &mut u64, oldest: &mut u64| {
+            assert_eq!(t.insert(key(*next), *next), None);
+            *next += 1;
+            assert_eq!(t.remove(&key(*oldest)), Some(*oldest));
+            *oldest += 1;
+        };
+        let (mut rebuilds, mut was_growing) = (0, false);
         for _ in 0..20 * len {
-            assert_eq!(t.insert(key(next), next), None);
-            next += 1;
-            assert_eq!(t.remove(&key(oldest)), Some(oldest));
-            oldest += 1;
+            churn(&mut t, &mut next, &mut oldest);
             rebuilds += usize::from(t.growing() && !was_growing);
             was_growing = t.growing();
         }
@@ -320,10 +325,7 @@ mod tests {
         // Churned on to just before its next rebuild, its room is mostly removed slots; a purge
         // that leaves a tenth still shrinks it.
         while t.growing() || t.current.capacity() > t.len() + 16 {
-            assert_eq!(t.insert(key(next), next), None);
-            next += 1;
-            assert_eq!(t.remove(&key(oldest)), Some(oldest));
-            oldest += 1;
+            churn(&mut t, &mut next, &mut oldest);
         }
         let keep = oldest + (next - oldest) / 10;
         t.retain(|_, v| *v < keep);
