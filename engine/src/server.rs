@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use filters::{Exchange, Response, json_response};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Either};
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -402,7 +402,12 @@ async fn within<F: Future>(mut work: Pin<&mut F>, timeout: Duration) -> Option<F
 }
 
 /// The request body, within `max_body` bytes; or the answer to send instead.
-async fn read_body(body: Incoming, max_body: usize) -> Result<Bytes, Response> {
+///
+/// Read frame by frame rather than through `Limited` and `collect`: a body that arrives in one
+/// frame (a form posted with its length, the usual token request) is that frame's `Bytes` as
+/// it is, with no queue of frames allocated and freed per request. Only a body in several
+/// frames (chunked, or split across reads) is copied into one buffer.
+async fn read_body(mut body: Incoming, max_body: usize) -> Result<Bytes, Response> {
     // The declared Content-Length, which hyper keeps as the body's exact size.
     if body
         .size_hint()
@@ -411,22 +416,38 @@ async fn read_body(body: Incoming, max_body: usize) -> Result<Bytes, Response> {
     {
         return Err(too_large());
     }
-    match Limited::new(body, max_body).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
         // Broken framing (a bad chunk size): nothing after it on this connection can be
         // trusted.
-        Err(_) => Err(closing(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "the request body could not be read",
-        ))),
+        let frame = frame.map_err(|_| {
+            closing(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request body could not be read",
+            ))
+        })?;
+        // Trailers are not part of the body.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let read = joined.as_ref().map_or(first.len(), BytesMut::len);
+        if data.len() > max_body - read {
+            return Err(too_large());
+        }
+        match &mut joined {
+            Some(all) => all.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut all = BytesMut::with_capacity(first.len() + data.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
     }
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// How a walk broke off before its chain answered.

@@ -13,6 +13,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, request::Parts};
 use smallvec::SmallVec;
 
@@ -20,12 +21,13 @@ use smallvec::SmallVec;
 /// RFC 6749 §3.2 forbids repeated parameters, so filters need to see repeats to refuse them.
 ///
 /// Decoded as `form_urlencoded::parse` decodes (`+` is a space, `%XX` escapes, invalid UTF-8
-/// replaced), but without a `String` per name and value: the input is copied once and a field
-/// that needs no decoding (nearly all of them: tokens, grant types, client ids) is a range of
-/// that copy. This is the token endpoint's hot path.
+/// replaced), but without a `String` per name and value: a field that needs no decoding (nearly
+/// all of them: tokens, grant types, client ids) is a range of the input. A form body is kept
+/// as the request's own `Bytes` (a reference, not a copy); a query string is copied once. This
+/// is the token endpoint's hot path.
 #[derive(Default)]
 pub struct Params {
-    text: String,
+    text: ByteString,
     fields: Vec<(Field, Field)>,
 }
 
@@ -37,18 +39,31 @@ enum Field {
 
 /// No parameters: a query string or a form that is not there.
 static NO_PARAMS: Params = Params {
-    text: String::new(),
+    text: ByteString::new(),
     fields: Vec::new(),
 };
 
 impl Params {
+    /// Parses a copy of `input`.
     pub fn parse(input: &[u8]) -> Self {
+        match std::str::from_utf8(input) {
+            Ok(text) => Self::parse_text(ByteString::from(text)),
+            Err(_) => Self::parse_lossy(input),
+        }
+    }
+
+    /// Parses `input` where it is, keeping a reference to it (a `Bytes` clone, no copy).
+    pub fn parse_bytes(input: &Bytes) -> Self {
+        match ByteString::try_from(input.clone()) {
+            Ok(text) => Self::parse_text(text),
+            Err(_) => Self::parse_lossy(input),
+        }
+    }
+
+    fn parse_text(text: ByteString) -> Self {
         // Offsets are u32: far above any body or query the limits let through.
-        let Ok(text) = std::str::from_utf8(input) else {
-            return Self::parse_lossy(input);
-        };
         if u32::try_from(text.len()).is_err() {
-            return Self::parse_lossy(input);
+            return Self::parse_lossy(text.as_bytes());
         }
         // Sized for the usual handful of fields; a body of bare `&`s must not reserve room
         // for each of them (empty pairs are skipped).
@@ -71,15 +86,12 @@ impl Params {
                 None => ((at, at + pair.len()), (at + pair.len(), at + pair.len())),
             };
             fields.push(if escaped {
-                (Self::field(text, name), Self::field(text, value))
+                (Self::field(&text, name), Self::field(&text, value))
             } else {
                 (Self::at(name), Self::at(value))
             });
         }
-        Params {
-            text: text.to_owned(),
-            fields,
-        }
+        Params { text, fields }
     }
 
     fn field(text: &str, (from, to): (usize, usize)) -> Field {
@@ -99,7 +111,7 @@ impl Params {
     /// does (an escape may complete a multi-byte character begun by a raw byte).
     fn parse_lossy(input: &[u8]) -> Self {
         Params {
-            text: String::new(),
+            text: ByteString::new(),
             fields: form_urlencoded::parse(input)
                 .map(|(k, v)| (Field::Decoded(k.into()), Field::Decoded(v.into())))
                 .collect(),
@@ -322,7 +334,7 @@ impl Exchange {
                             .trim_ascii()
                             .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
                     });
-                declared.then(|| Params::parse(&self.body))
+                declared.then(|| Params::parse_bytes(&self.body))
             })
             .as_ref()
     }
@@ -487,21 +499,29 @@ mod tests {
             b"t=%C3%28&u=%E2%82",
         ];
         for input in inputs {
-            let ours = pairs(&Params::parse(input));
             let reference: Vec<(String, String)> = form_urlencoded::parse(input)
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect();
-            assert_eq!(
-                ours,
-                reference,
-                "input {:?}",
-                String::from_utf8_lossy(input)
-            );
+            let copied = pairs(&Params::parse(input));
+            let in_place = pairs(&Params::parse_bytes(&Bytes::copy_from_slice(input)));
+            for ours in [copied, in_place] {
+                assert_eq!(
+                    ours,
+                    reference,
+                    "input {:?}",
+                    String::from_utf8_lossy(input)
+                );
+            }
         }
         // Fields without escapes are ranges of the one copy, not strings of their own.
         let p = Params::parse(b"grant_type=refresh_token&scope=a+b");
         assert!(matches!(p.fields[0], (Field::At(0, 10), Field::At(11, 24))));
         assert!(matches!(&p.fields[1].1, Field::Decoded(s) if &**s == "a b"));
+        // A body is parsed where it is: its fields are ranges of the request's own bytes.
+        let body = Bytes::from_static(b"grant_type=refresh_token&refresh_token=abc");
+        let p = Params::parse_bytes(&body);
+        assert_eq!(p.text.as_ptr(), body.as_ptr());
+        assert_eq!(p.single("refresh_token").value(), Some("abc"));
     }
 
     #[test]

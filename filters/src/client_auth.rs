@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::Deserialize;
+use smallvec::SmallVec;
 use store::clients::{ClientApplication, SharedRegistry};
 
 use crate::attributes::Param;
@@ -110,6 +111,8 @@ impl ApplicationValidation {
         let sent = |v: Option<&str>| v.is_some_and(|v| !v.is_empty());
         let secret_in_form = sent(ex.form().first(secret_field));
         let secret_in_query = sent(ex.query().first(secret_field));
+        // Where Basic credentials are decoded to, when they are: the id and secret borrow it.
+        let header_credentials;
         let (id, secret) = match self.config.client_credentials_in {
             CredentialsIn::AuthorizationHeader => {
                 if secret_in_form || secret_in_query {
@@ -123,8 +126,9 @@ impl ApplicationValidation {
                         true,
                     )));
                 };
-                match parse_basic(v.as_bytes()) {
-                    Some((id, secret)) => (Cow::Owned(id), Cow::Owned(secret)),
+                header_credentials = parse_basic(v.as_bytes());
+                match header_credentials.as_ref().and_then(Basic::credentials) {
+                    Some(credentials) => credentials,
                     None => return Ok(Err(invalid("malformed Basic credentials", true))),
                 }
             }
@@ -266,35 +270,51 @@ impl ApplicationValidation {
     }
 }
 
-/// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1 form-encodes both).
-pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
+/// `Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 §2.3.1 form-encodes both),
+/// decoded into a buffer of its own: inline up to [`BASIC_INLINE`] bytes, so the usual client
+/// id and secret cost no allocation. [`Basic::credentials`] reads them out of it.
+pub fn parse_basic(value: &[u8]) -> Option<Basic> {
     let v = value.trim_ascii();
     let space = v.iter().position(|&b| b == b' ')?;
     if !v[..space].eq_ignore_ascii_case(b"basic") {
         return None;
     }
-    // Into a `Vec` of ours: `decode` allocates its output zeroed (a `calloc`, which glibc
-    // serves past its per-thread cache).
-    let mut decoded = Vec::new();
-    base64::engine::general_purpose::STANDARD
-        .decode_vec(v[space + 1..].trim_ascii(), &mut decoded)
+    let encoded = v[space + 1..].trim_ascii();
+    let mut decoded = SmallVec::new();
+    decoded.resize(base64::decoded_len_estimate(encoded.len()), 0);
+    let len = base64::engine::general_purpose::STANDARD
+        .decode_slice(encoded, &mut decoded)
         .ok()?;
-    let mut id = String::from_utf8(decoded).ok()?;
-    let colon = id.bytes().position(|b| b == b':')?;
-    // The id keeps the decoded buffer; only the secret gets one of its own.
-    let secret = form_decode(id[colon + 1..].to_owned())?;
-    id.truncate(colon);
-    let id = form_decode(id)?;
-    if id.is_empty() {
-        return None;
-    }
-    Some((id, secret))
+    decoded.truncate(len);
+    Some(Basic { decoded })
 }
 
-fn form_decode(s: String) -> Option<String> {
-    match crate::attributes::unescape_form(&s) {
-        None => Some(s),
-        Some(bytes) => String::from_utf8(bytes).ok(),
+/// Decoded Basic credentials up to this many bytes stay on the stack.
+const BASIC_INLINE: usize = 192;
+
+/// The decoded bytes of a Basic `Authorization` header ([`parse_basic`]).
+pub struct Basic {
+    decoded: SmallVec<[u8; BASIC_INLINE]>,
+}
+
+impl Basic {
+    /// The client id and secret, each form-decoded: borrowed from the header's decoded bytes
+    /// unless they had escapes. `None` when the credentials are not UTF-8, have no colon, or
+    /// name no client.
+    pub fn credentials(&self) -> Option<(Cow<'_, str>, Cow<'_, str>)> {
+        let (id, secret) = std::str::from_utf8(&self.decoded).ok()?.split_once(':')?;
+        let id = form_decode(id)?;
+        if id.is_empty() {
+            return None;
+        }
+        Some((id, form_decode(secret)?))
+    }
+}
+
+fn form_decode(s: &str) -> Option<Cow<'_, str>> {
+    match crate::attributes::unescape_form(s) {
+        None => Some(Cow::Borrowed(s)),
+        Some(bytes) => String::from_utf8(bytes).ok().map(Cow::Owned),
     }
 }
 
@@ -306,32 +326,40 @@ mod tests {
         base64::engine::general_purpose::STANDARD.encode(s)
     }
 
+    /// The credentials of a Basic header, owned, or `None` wherever they are refused.
+    fn basic(value: &[u8]) -> Option<(String, String)> {
+        let b = parse_basic(value)?;
+        let (id, secret) = b.credentials()?;
+        Some((id.into_owned(), secret.into_owned()))
+    }
+
     #[test]
     fn basic_credentials_are_form_decoded() {
         let h = format!("Basic {}", b64("my%20app:p%3Ass+word"));
         assert_eq!(
-            parse_basic(h.as_bytes()),
+            basic(h.as_bytes()),
             Some(("my app".into(), "p:ss word".into()))
         );
-        let h = format!("basic {}", b64("id:sec:ret"));
-        assert_eq!(
-            parse_basic(h.as_bytes()),
-            Some(("id".into(), "sec:ret".into()))
+        // Longer than the inline buffer: the same answer from the heap.
+        let long = "s".repeat(BASIC_INLINE * 2);
+        let h = format!("Basic {}", b64(&format!("app:{long}")));
+        assert_eq!(basic(h.as_bytes()), Some(("app".into(), long)));
+        // Not UTF-8 once decoded: refused.
+        let h = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(b"app:\xff")
         );
+        assert_eq!(basic(h.as_bytes()), None);
+        let h = format!("basic {}", b64("id:sec:ret"));
+        assert_eq!(basic(h.as_bytes()), Some(("id".into(), "sec:ret".into())));
     }
 
     #[test]
     fn malformed_basic_is_refused() {
-        assert_eq!(parse_basic(b"Bearer abc"), None);
-        assert_eq!(parse_basic(b"Basic !!!"), None);
-        assert_eq!(
-            parse_basic(format!("Basic {}", b64("nocolon")).as_bytes()),
-            None
-        );
-        assert_eq!(
-            parse_basic(format!("Basic {}", b64(":secret")).as_bytes()),
-            None
-        );
-        assert_eq!(parse_basic(b"Basic"), None);
+        assert_eq!(basic(b"Bearer abc"), None);
+        assert_eq!(basic(b"Basic !!!"), None);
+        assert_eq!(basic(format!("Basic {}", b64("nocolon")).as_bytes()), None);
+        assert_eq!(basic(format!("Basic {}", b64(":secret")).as_bytes()), None);
+        assert_eq!(basic(b"Basic"), None);
     }
 }

@@ -175,13 +175,16 @@ impl RefreshAccessToken {
                 return Ok(self.fail(ex, e, outcome));
             }
         };
-        let presented = match ex.form().single("refresh_token") {
+        // The token's digest is taken from the form in place; the token itself is kept only
+        // where a response is sealed under it or opened with it (`reuse_grace_secs`).
+        let grace = self.refresh.reuse_grace_secs > 0;
+        let (digest, presented) = match ex.form().single("refresh_token") {
             Param::Repeated => {
                 let e = OAuthError::new(ErrorCode::InvalidRequest, "refresh_token is repeated");
                 return Ok(self.fail(ex, e, "invalid_request"));
             }
             p => match p.value() {
-                Some(v) => v.to_owned(),
+                Some(v) => (Digest::of(v), grace.then(|| v.to_owned())),
                 None => {
                     let e = OAuthError::new(ErrorCode::InvalidRequest, "refresh_token is missing");
                     return Ok(self.fail(ex, e, "invalid_request"));
@@ -265,8 +268,9 @@ impl RefreshAccessToken {
                     ..(*grant).clone()
                 })
             });
-            let replay = (self.refresh.reuse_grace_secs > 0)
-                .then(|| {
+            let replay = presented
+                .as_deref()
+                .and_then(|presented| {
                     let body = oauth::token_response(
                         &access,
                         &self.base.access.token_type,
@@ -274,9 +278,8 @@ impl RefreshAccessToken {
                         refresh.as_deref(),
                         &scope,
                     );
-                    seal(&presented, body.body())
+                    seal(presented, body.body())
                 })
-                .flatten()
                 .map(|sealed| Replay {
                     sealed,
                     until: now + self.refresh.reuse_grace_secs as i64,
@@ -304,7 +307,6 @@ impl RefreshAccessToken {
             });
             RotateDecision::Rotate(issue)
         };
-        let digest = Digest::of(&presented);
         let outcome = self
             .base
             .monitor
@@ -349,9 +351,9 @@ impl RefreshAccessToken {
                 Ok(self.fail(ex, e, "invalid_grant"))
             }
             RotateOutcome::AlreadyRotated { family, replay } => {
-                if self.refresh.reuse_grace_secs > 0
+                if let Some(presented) = presented.as_deref()
                     && let Some(r) = replay.filter(|r| r.until > now)
-                    && let Some(body) = open(&presented, &r.sealed)
+                    && let Some(body) = open(presented, &r.sealed)
                 {
                     self.count("replayed");
                     return Ok(Flow::Respond(oauth::token_response_from_body(Bytes::from(
