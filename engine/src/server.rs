@@ -432,6 +432,9 @@ async fn read_body(mut body: Incoming, max_body: usize) -> Result<Bytes, Respons
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        if data.is_empty() {
+            continue;
+        }
         let read = joined.as_ref().map_or(first.len(), BytesMut::len);
         if data.len() > max_body - read {
             return Err(too_large());

@@ -350,6 +350,17 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(b"app:\xff")
         );
         assert_eq!(basic(h.as_bytes()), None);
+        // Spaces around the credentials are trimmed; the scheme ends at a space.
+        let h = format!("  Basic   {}  ", b64("app:pw"));
+        assert_eq!(basic(h.as_bytes()), Some(("app".into(), "pw".into())));
+        let h = format!("Basic\t{}", b64("app:pw"));
+        assert_eq!(basic(h.as_bytes()), None);
+        // Base64 as RFC 4648 writes it: padded, and padded once.
+        let unpadded = b64("app:pwd").trim_end_matches('=').to_owned();
+        assert_ne!(unpadded, b64("app:pwd"));
+        assert_eq!(basic(format!("Basic {unpadded}").as_bytes()), None);
+        let padded_twice = format!("Basic {}=", b64("app:pwd"));
+        assert_eq!(basic(padded_twice.as_bytes()), None);
         let h = format!("basic {}", b64("id:sec:ret"));
         assert_eq!(basic(h.as_bytes()), Some(("id".into(), "sec:ret".into())));
     }

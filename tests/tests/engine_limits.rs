@@ -50,6 +50,72 @@ fn form_body(len: usize) -> Vec<u8> {
     b
 }
 
+/// A chunked form request whose body (`b=xxx...`) comes in chunks of these sizes, with a
+/// trailer field after the last one or not.
+fn chunked_form(chunks: &[usize], trailer: bool) -> Vec<u8> {
+    let body = form_body(chunks.iter().sum());
+    let mut req = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    let mut at = 0;
+    for &n in chunks {
+        req.extend(format!("{n:x}\r\n").into_bytes());
+        req.extend(&body[at..at + n]);
+        req.extend(b"\r\n");
+        at += n;
+    }
+    req.extend(b"0\r\n");
+    if trailer {
+        req.extend(b"X-Checksum: 1\r\n");
+    }
+    req.extend(b"\r\n");
+    req
+}
+
+#[tokio::test]
+async fn a_body_in_frames_is_counted_to_the_byte_and_joined_in_order() {
+    let (_dir, gw) = gateway().await;
+    let a = gw.public_addr;
+    // The limit is 1,024 bytes: reached in several chunks, passed by one byte in the last.
+    for (chunks, status) in [
+        (&[512, 512][..], 200),
+        (&[1, 1023][..], 200),
+        (&[512, 513][..], 413),
+        (&[2, 1, 1, 1021][..], 413),
+    ] {
+        for trailer in [false, true] {
+            let r = raw(a, &chunked_form(chunks, trailer), WINDOW).await;
+            let what = format!("chunks {chunks:?}, trailer {trailer}: {}", r.text());
+            assert_eq!(r.statuses(), [status], "{what}");
+            if status == 200 {
+                let len: usize = chunks.iter().sum();
+                let echoed = format!("b={}", "x".repeat(len - 2));
+                assert!(r.text().ends_with(&echoed), "{what}");
+            } else {
+                assert!(r.closed, "{what}");
+            }
+        }
+    }
+    // A declared length whose body arrives in pieces, read as several frames: joined whole.
+    let head = form_head(1024).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let body = form_body(1024);
+    for piece in body.chunks(300) {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        s.write_all(piece).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut answer)
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with(&format!("b={}", "x".repeat(1022))),
+        "{answer}"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn body_limit_413_with_content_length_and_chunked() {
     let (_dir, gw) = gateway().await;
