@@ -145,6 +145,18 @@ impl Params {
     pub fn first(&self, name: &str) -> Option<&str> {
         self.values(name).next()
     }
+
+    /// The value of `name` when it occurs exactly once, empty or not; `None` when it is missing
+    /// or repeated. What the `http.query.NAME` and `http.form.NAME` attributes read: a policy
+    /// that checked the first of two values would let through a request whose backend reads
+    /// the last (parameter pollution), and RFC 6749 §3.2 forbids repeats at the token
+    /// endpoint, whose dispatch reads `http.form.grant_type`.
+    pub fn once(&self, name: &str) -> Option<&str> {
+        match self.single(name) {
+            Param::Value(v) => Some(v),
+            Param::Missing | Param::Repeated => None,
+        }
+    }
 }
 
 /// The bytes an `application/x-www-form-urlencoded` name or value stands for (`+` is a space,
@@ -371,9 +383,9 @@ impl Exchange {
                         .and_then(|v| v.to_str().ok())
                         .map(Cow::Borrowed)
                 } else if let Some(q) = rest.strip_prefix("query.") {
-                    self.query().first(q).map(Cow::Borrowed)
+                    self.query().once(q).map(Cow::Borrowed)
                 } else if let Some(f) = rest.strip_prefix("form.") {
-                    self.form().first(f).map(Cow::Borrowed)
+                    self.form().once(f).map(Cow::Borrowed)
                 } else {
                     None
                 }
@@ -459,6 +471,21 @@ mod tests {
         assert_eq!(ex.get("http.form.scope").as_deref(), Some("a b"));
         assert_eq!(ex.get("http.form.missing"), None);
         assert_eq!(ex.get("nothing"), None);
+    }
+
+    #[test]
+    fn a_repeated_parameter_has_no_attribute_value() {
+        let ex = exchange(
+            "/p?t=a&t=b&u=1&e=",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "grant_type=password&grant_type=refresh_token&scope=x&empty=",
+        );
+        assert_eq!(ex.get("http.query.t"), None);
+        assert_eq!(ex.get("http.query.u").as_deref(), Some("1"));
+        assert_eq!(ex.get("http.query.e").as_deref(), Some(""));
+        assert_eq!(ex.get("http.form.grant_type"), None);
+        assert_eq!(ex.get("http.form.scope").as_deref(), Some("x"));
+        assert_eq!(ex.get("http.form.empty").as_deref(), Some(""));
     }
 
     #[test]

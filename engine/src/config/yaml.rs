@@ -2,7 +2,7 @@
 //! marked events records where every key and sequence item stands, so that any error found
 //! later (by serde, by a filter's builder, by graph checks) can name its file, line and column.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde_yaml::Value;
@@ -59,6 +59,8 @@ enum Frame {
     Map {
         path: String,
         pending_key: Option<String>,
+        /// The scalar keys seen so far, to place a duplicate (only while locating an error).
+        keys: Option<HashSet<String>>,
         expecting_key: bool,
         /// A mapping that is a sequence item: its event mark can stand past its first key,
         /// so its position is taken from that key instead.
@@ -70,9 +72,16 @@ enum Frame {
     },
 }
 
+#[derive(Default)]
 struct Recorder {
     stack: Vec<Frame>,
     positions: Positions,
+    /// Set while locating a syntax error: mappings remember their keys.
+    find_duplicates: bool,
+    /// Every key given twice in one mapping: its name, its path and its second position.
+    duplicates: Vec<(String, String, (usize, usize))>,
+    /// Where each document starts.
+    documents: Vec<(usize, usize)>,
 }
 
 impl Recorder {
@@ -99,13 +108,20 @@ impl Recorder {
             Some(Frame::Map {
                 path,
                 pending_key,
+                keys,
                 expecting_key,
                 item,
             }) => {
                 if *expecting_key {
                     *expecting_key = false;
                     if is_scalar {
-                        let k = key(path, scalar.unwrap_or(""));
+                        let name = scalar.unwrap_or("");
+                        let k = key(path, name);
+                        if let Some(keys) = keys
+                            && !keys.insert(name.to_owned())
+                        {
+                            self.duplicates.push((name.to_owned(), k.clone(), pos));
+                        }
                         self.positions.map.insert(k.clone(), pos);
                         if std::mem::take(item) {
                             self.positions.map.insert(path.clone(), pos);
@@ -146,9 +162,11 @@ impl MarkedEventReceiver for Recorder {
                 let item = matches!(self.stack.last(), Some(Frame::Seq { .. }));
                 let path = self.begin_node(mark, false, None).unwrap_or_default();
                 let path = if was_key { "?".to_owned() } else { path };
+                let keys = self.find_duplicates.then(HashSet::new);
                 self.stack.push(Frame::Map {
                     path,
                     pending_key: None,
+                    keys,
                     expecting_key: true,
                     item,
                 });
@@ -168,6 +186,7 @@ impl MarkedEventReceiver for Recorder {
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();
             }
+            Event::DocumentStart => self.documents.push((mark.line(), mark.col() + 1)),
             _ => {}
         }
     }
@@ -194,26 +213,11 @@ impl Document {
     }
 }
 
-/// Parses `source` (the content of `file`). Syntax errors come back with serde_yaml's own
-/// line and column.
+/// Parses `source` (the content of `file`). A syntax error comes back at the line and column
+/// of the mistake ([`locate`]).
 pub fn parse(file: &Path, source: &str) -> Result<Document, ConfigError> {
-    let value: Value = serde_yaml::from_str(source).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((1, 1));
-        ConfigError {
-            file: file.to_owned(),
-            line,
-            column,
-            path: String::new(),
-            message: format!("invalid YAML: {}", strip_location(&e.to_string())),
-        }
-    })?;
-    let mut recorder = Recorder {
-        stack: Vec::new(),
-        positions: Positions::default(),
-    };
+    let value: Value = serde_yaml::from_str(source).map_err(|e| locate(file, source, &e))?;
+    let mut recorder = Recorder::default();
     // serde_yaml accepted the text, so the event parser will too; positions are best effort.
     let _ = Parser::new_from_str(source).load(&mut recorder, false);
     Ok(Document {
@@ -221,6 +225,92 @@ pub fn parse(file: &Path, source: &str) -> Result<Document, ConfigError> {
         value,
         positions: recorder.positions,
     })
+}
+
+/// A syntax error that serde_yaml found, placed where the operator should look. serde_yaml
+/// places most of them itself; for these it does not, and the event parser's pass is asked:
+/// - a key given twice: serde_yaml points at the mapping, the pass at the second key;
+/// - a control character: serde_yaml gives its byte offset in the message and a location of
+///   1:1, the offset is turned into a line and column;
+/// - more than one document, which serde_yaml reports with no location: a stray `---`, or a
+///   line indented less than the first, which starts a second document where the event parser
+///   refuses it. The error is placed at the second document's start or at the refusal.
+fn locate(file: &Path, source: &str, e: &serde_yaml::Error) -> ConfigError {
+    let full = e.to_string();
+    let mut message = strip_location(&full).to_owned();
+    let mut at = e.location().map(|l| (l.line(), l.column()));
+    let mut path = String::new();
+    if let Some((text, offset)) = split_position(&message) {
+        at = Some(line_and_column(source, offset));
+        message = text.to_owned();
+    }
+    let duplicate = message.contains("duplicate entry with key");
+    let several = message.contains("more than one document");
+    if duplicate || several || at.is_none() {
+        let mut recorder = Recorder {
+            find_duplicates: true,
+            ..Recorder::default()
+        };
+        let parsed = Parser::new_from_str(source).load(&mut recorder, true);
+        // The duplicate serde_yaml names (`duplicate entry with key "body"`): the event pass
+        // compares keys as text, where serde_yaml tells `1` from `"1"`.
+        let named = message
+            .split_once("duplicate entry with key ")
+            .map(|(_, k)| k.trim_matches('"'));
+        let found = recorder
+            .duplicates
+            .iter()
+            .find(|(name, ..)| Some(name.as_str()) == named)
+            .or(recorder.duplicates.first());
+        if duplicate && let Some((_, p, pos)) = found {
+            let (p, pos) = (p.clone(), *pos);
+            at = Some(pos);
+            // serde_yaml's message names the mapping's path and the key; the path now names
+            // the duplicate itself.
+            message = message
+                .rsplit_once(": duplicate entry")
+                .map(|(_, rest)| format!("duplicate entry{rest}"))
+                .unwrap_or(message);
+            path = p;
+        } else if let Err(refused) = parsed {
+            let m = refused.marker();
+            at = Some((m.line(), m.col() + 1));
+            if several {
+                let why = refused.to_string();
+                let why = why.split(" at byte ").next().unwrap_or_default();
+                message = format!(
+                    "a line indented less than the file's first key, or a second document, \
+                     starts here; a file holds one document ({why})"
+                );
+            }
+        } else if several && let Some(&second) = recorder.documents.get(1) {
+            at = Some(second);
+            message = "a second document starts here; a file holds one".to_owned();
+        }
+    }
+    let (line, column) = at.unwrap_or((1, 1));
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        column,
+        path,
+        message: format!("invalid YAML: {message}"),
+    }
+}
+
+/// libyaml's scanner errors end in " at position N", N a byte offset into the source.
+fn split_position(message: &str) -> Option<(&str, usize)> {
+    let (text, n) = message.rsplit_once(" at position ")?;
+    Some((text, n.trim().parse().ok()?))
+}
+
+/// Line and column (1-based) of a byte offset; the column counts characters.
+fn line_and_column(source: &str, offset: usize) -> (usize, usize) {
+    let bytes = &source.as_bytes()[..offset.min(source.len())];
+    let line = 1 + bytes.iter().filter(|&&b| b == b'\n').count();
+    let start = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let column = 1 + String::from_utf8_lossy(&bytes[start..]).chars().count();
+    (line, column)
 }
 
 /// A deserialisation error as the operator reads it: without serde_yaml's own location (we
@@ -311,8 +401,57 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_keys_are_refused() {
-        let e = parse(Path::new("d.yaml"), "a: 1\na: 2\n").unwrap_err();
-        assert!(e.message.contains("duplicate"), "{e}");
+    fn duplicate_keys_are_refused_at_the_second_copy() {
+        let e = parse(Path::new("d.yaml"), "a: 1\nb: 2\na: 3\n").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 1), "{e}");
+        assert_eq!(e.path, "a", "{e}");
+        assert!(e.message.contains("duplicate entry with key \"a\""), "{e}");
+        let src = "list:\n  - name: x\n    body: one\n    k: v\n    body: two\n";
+        let e = parse(Path::new("d.yaml"), src).unwrap_err();
+        assert_eq!((e.line, e.column), (5, 5), "{e}");
+        assert_eq!(e.path, "list[0].body", "{e}");
+        assert_eq!(
+            e.message, "invalid YAML: duplicate entry with key \"body\"",
+            "{e}"
+        );
+        // The same key in two mappings is no duplicate; the one that is, is found.
+        let src = "a: { k: 1 }\nb: { k: 2 }\nc: { k: 3, k: 4 }\n";
+        let e = parse(Path::new("d.yaml"), src).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (3, "c.k"), "{e}");
+        // `1` and `"1"` are two keys to serde_yaml: the duplicate is the one it names.
+        let src = "a: { 1: x, \"1\": y }\nb: 1\nb: 2\n";
+        let e = parse(Path::new("d.yaml"), src).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (3, "b"), "{e}");
+    }
+
+    #[test]
+    fn errors_serde_yaml_leaves_unplaced_are_placed() {
+        // A control character: serde_yaml gives a byte offset in its message.
+        let e = parse(Path::new("c.yaml"), "a: 1\nb: 2\nc: x\u{0}y\n").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 5), "{e}");
+        assert_eq!(
+            e.message, "invalid YAML: control characters are not allowed",
+            "{e}"
+        );
+        // A line indented less than the first key's ends the document.
+        let src = "# a comment\n   policies:\n  - name: p\n";
+        let e = parse(Path::new("i.yaml"), src).unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("second document"), "{e}");
+        // A second document.
+        let e = parse(Path::new("m.yaml"), "a: 1\n---\nb: 2\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains("second document"), "{e}");
+    }
+
+    #[test]
+    fn offsets_become_lines_and_columns() {
+        assert_eq!(line_and_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_and_column("ab\ncd", 2), (1, 3));
+        assert_eq!(line_and_column("ab\ncd", 3), (2, 1));
+        assert_eq!(line_and_column("é\nxé!", 6), (2, 3));
+        assert_eq!(line_and_column("ab", 99), (1, 3));
+        assert_eq!(split_position("bad at position 14"), Some(("bad", 14)));
+        assert_eq!(split_position("bad at line 1"), None);
     }
 }
