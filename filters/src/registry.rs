@@ -114,11 +114,62 @@ impl BuildError {
 
 /// Deserialises a node's settings, keeping the path of the first offending key.
 pub fn parse<C: DeserializeOwned>(value: serde_yaml::Value) -> Result<C, BuildError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
+        let message = name_the_choices::<C>(&value, &path, e.into_inner().to_string());
         BuildError {
             path: if path == "." { String::new() } else { path },
-            message: e.into_inner().to_string(),
+            message,
         }
     })
+}
+
+/// serde_yaml's words for a setting that takes one of a few names (an enum) given a value that
+/// is not a string (`client_credentials_in: true`, a store's `type: 1`): they name no choice.
+const NOT_A_NAME: [&str; 2] = [
+    "expected a Value::Tagged enum",
+    "expected variant identifier",
+];
+
+/// `message` (the error of deserialising `value` as `C`, at `path`) with the names an enum
+/// setting takes in place of serde_yaml's `expected a Value::Tagged enum` or `expected variant
+/// identifier`. To learn them, `value` is deserialised once more with a string that no enum
+/// takes at `path`, for serde's "unknown variant ..., expected `a` or `b`".
+pub fn name_the_choices<C: DeserializeOwned>(
+    value: &serde_yaml::Value,
+    path: &str,
+    message: String,
+) -> String {
+    let Some(vague) = NOT_A_NAME.iter().find(|v| message.contains(*v)) else {
+        return message;
+    };
+    match enum_names::<C>(value, path) {
+        Some(choices) => message.replace(vague, &format!("expected {choices}")),
+        None => message,
+    }
+}
+
+fn enum_names<C: DeserializeOwned>(value: &serde_yaml::Value, path: &str) -> Option<String> {
+    let mut probe = value.clone();
+    let mut at = &mut probe;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !name.is_empty() {
+            at = at.get_mut(name)?;
+        }
+        for i in indexes.split(['[', ']']).filter(|i| !i.is_empty()) {
+            at = at.get_mut(i.parse::<usize>().ok()?)?;
+        }
+    }
+    *at = serde_yaml::Value::String("\u{1}".to_owned());
+    let again = serde_path_to_error::deserialize::<_, C>(probe).err()?;
+    let again = again.into_inner().to_string();
+    // "unknown variant ``, expected `a` or `b`" or "..., expected one of `a`, `b`, `c`".
+    let (_, choices) = again
+        .strip_prefix("unknown variant ")?
+        .split_once(", expected ")?;
+    Some(choices.to_owned())
 }

@@ -243,6 +243,24 @@ async fn each_class_alone_is_caught() {
             "policies[0].chain[0].matches",
             "invalid regular expression",
         ),
+        // A misspelt `type` is named where it stands, not only missed on the node.
+        (
+            "policies:\n  - name: p\n    route: { path: /p }\n    chain:\n      - name: r\n        status: 200\n        tpye: set_response\n",
+            "policies[0].chain[0].tpye",
+            "is `tpye` a misspelt `type`?",
+        ),
+        // A setting that takes one of a few names, given something else, lists the names
+        // (serde_yaml alone says `expected a Value::Tagged enum`, `expected variant identifier`).
+        (
+            "policies:\n  - name: p\n    route: { path: /p, methods: [POST] }\n    chain:\n      - name: r\n        type: refresh_access_token\n        application_validation: { client_credentials_in: true }\n",
+            "policies[0].chain[0].application_validation.client_credentials_in",
+            "invalid type: boolean `true`, expected one of `authorization_header`, `form_body`, `query_string`",
+        ),
+        (
+            "stores:\n  tokens: { type: 1 }\n",
+            "stores.tokens.type",
+            "invalid type: integer `1`, expected `memory` or `sql`",
+        ),
     ];
     for (yaml, path, msg) in cases {
         let dir = PolicyDir::new(&[("p.yaml", yaml)]);

@@ -548,7 +548,19 @@ fn read_policies(
                     None
                 }
                 None => {
-                    errors.push(doc.error(&npath, "every node needs a `type`"));
+                    // A misspelt `type` (`typ`, `tpye`, `Type`) is named where it stands: the
+                    // filter it meant is unknown, so no check of the filter's keys would name it.
+                    let misspelt = m.keys().filter_map(Value::as_str).find(|k| {
+                        !NODE_KEYS.contains(k)
+                            && strsim::damerau_levenshtein(&k.to_ascii_lowercase(), "type") <= 2
+                    });
+                    errors.push(match misspelt {
+                        Some(k) => doc.error(
+                            &key(&npath, k),
+                            format!("every node needs a `type`; is `{k}` a misspelt `type`?"),
+                        ),
+                        None => doc.error(&npath, "every node needs a `type`"),
+                    });
                     None
                 }
             };
@@ -772,7 +784,8 @@ fn typed<T: DeserializeOwned>(
         Ok(t) => Some(t),
         Err(e) => {
             let sub = e.path().to_string();
-            let msg = yaml::clean_message(&e.inner().to_string());
+            let msg = filters::registry::name_the_choices::<T>(v, &sub, e.inner().to_string());
+            let msg = yaml::clean_message(&msg);
             errors.push(doc.error(&join_error_path(path, &sub, &msg), msg));
             None
         }
