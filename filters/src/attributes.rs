@@ -125,7 +125,11 @@ impl Params {
         }
     }
 
-    fn values<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    /// Every value of `name`, in order.
+    pub(crate) fn values<'a, 'n>(
+        &'a self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
         self.fields
             .iter()
             .filter(move |(k, _)| self.text(k) == name)
@@ -140,10 +144,6 @@ impl Params {
             (Some(v), None) => Param::Value(v),
             (Some(_), Some(_)) => Param::Repeated,
         }
-    }
-
-    pub fn first(&self, name: &str) -> Option<&str> {
-        self.values(name).next()
     }
 
     /// The value of `name` when it occurs exactly once, empty or not; `None` when it is missing

@@ -107,10 +107,10 @@ impl ApplicationValidation {
             return bad_request("repeated Authorization header");
         }
         let secret_field = self.config.client_secret_field.as_str();
-        // Empty values count as omitted (RFC 6749 §3.1).
-        let sent = |v: Option<&str>| v.is_some_and(|v| !v.is_empty());
-        let secret_in_form = sent(ex.form().first(secret_field));
-        let secret_in_query = sent(ex.query().first(secret_field));
+        // Empty values count as omitted (RFC 6749 §3.1); any occurrence with a value counts as
+        // sent (`client_secret=&client_secret=x` sends one).
+        let secret_in_form = ex.form().values(secret_field).any(|v| !v.is_empty());
+        let secret_in_query = ex.query().values(secret_field).any(|v| !v.is_empty());
         // Where Basic credentials are decoded to, when they are: the id and secret borrow it.
         let header_credentials;
         let (id, secret) = match self.config.client_credentials_in {

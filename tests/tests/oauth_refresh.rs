@@ -242,6 +242,19 @@ async fn errors_have_their_rfc_status_and_headers() {
     let twice = [("authorization", auth.as_str()), ("authorization", &other)];
     let r = post_form(addr, TOKEN, &twice, &form).await;
     assert_error(&r, 400, "invalid_request");
+    // A secret counts as sent whichever of its occurrences carries it: an empty first one does
+    // not hide a second, in the form or in the query.
+    let hidden = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", rt),
+        ("client_secret", ""),
+        ("client_secret", t.secret.as_str()),
+    ];
+    let r = post_form(addr, TOKEN, &[("authorization", &auth)], &hidden).await;
+    assert_error(&r, 400, "invalid_request");
+    let in_query = format!("{TOKEN}?client_secret=&client_secret={}", t.secret);
+    let r = post_form(addr, &in_query, &[("authorization", &auth)], &form).await;
+    assert_error(&r, 400, "invalid_request");
 
     // invalid_grant: unknown token.
     assert_error(

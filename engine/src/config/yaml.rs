@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_yaml::Value;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
-use yaml_rust2::scanner::Marker;
+use yaml_rust2::scanner::{Marker, ScanError};
 
 use super::ConfigError;
 
@@ -78,8 +78,9 @@ struct Recorder {
     positions: Positions,
     /// Set while locating a syntax error: mappings remember their keys.
     find_duplicates: bool,
-    /// Every key given twice in one mapping: its name, its path and its second position.
-    duplicates: Vec<(String, String, (usize, usize))>,
+    /// Every key given twice in one mapping: its name, its mapping's path, its own path and its
+    /// second position.
+    duplicates: Vec<Duplicate>,
     /// Where each document starts.
     documents: Vec<(usize, usize)>,
 }
@@ -120,7 +121,12 @@ impl Recorder {
                         if let Some(keys) = keys
                             && !keys.insert(name.to_owned())
                         {
-                            self.duplicates.push((name.to_owned(), k.clone(), pos));
+                            self.duplicates.push(Duplicate {
+                                name: name.to_owned(),
+                                mapping: path.clone(),
+                                path: k.clone(),
+                                at: pos,
+                            });
                         }
                         self.positions.map.insert(k.clone(), pos);
                         if std::mem::take(item) {
@@ -219,7 +225,7 @@ pub fn parse(file: &Path, source: &str) -> Result<Document, ConfigError> {
     let value: Value = serde_yaml::from_str(source).map_err(|e| locate(file, source, &e))?;
     let mut recorder = Recorder::default();
     // serde_yaml accepted the text, so the event parser will too; positions are best effort.
-    let _ = Parser::new_from_str(source).load(&mut recorder, false);
+    let _ = replay(source, &mut recorder);
     Ok(Document {
         file: file.to_owned(),
         value,
@@ -244,34 +250,48 @@ fn locate(file: &Path, source: &str, e: &serde_yaml::Error) -> ConfigError {
         at = Some(line_and_column(source, offset));
         message = text.to_owned();
     }
-    let duplicate = message.contains("duplicate entry with key");
+    let duplicate = message.contains("duplicate entry");
     let several = message.contains("more than one document");
     if duplicate || several || at.is_none() {
         let mut recorder = Recorder {
             find_duplicates: true,
             ..Recorder::default()
         };
-        let parsed = Parser::new_from_str(source).load(&mut recorder, true);
-        // The duplicate serde_yaml names (`duplicate entry with key "body"`): the event pass
-        // compares keys as text, where serde_yaml tells `1` from `"1"`.
-        let named = message
-            .split_once("duplicate entry with key ")
-            .map(|(_, k)| k.trim_matches('"'));
-        let found = recorder
-            .duplicates
+        let parsed = replay(source, &mut recorder);
+        // serde_yaml's message: `[MAPPING: ]duplicate entry with key K`, K as serde_yaml
+        // renders it (`"a"`, `1`, `` `true` ``), or `with null key`, or `in YAML map`.
+        let (mapping, rest) = match message.rsplit_once(": duplicate entry") {
+            Some((mapping, rest)) => (mapping, rest),
+            None => (
+                "",
+                message.split_once("duplicate entry").map_or("", |(_, r)| r),
+            ),
+        };
+        let same_key = |d: &&Duplicate| match rest.strip_prefix(" with key ") {
+            Some(key) => {
+                let n = d.name.as_str();
+                key == format!("{n:?}") || key == format!("`{n}`") || key == n
+            }
+            None => {
+                rest == " with null key" && ["", "~", "null", "Null", "NULL"].contains(&&*d.name)
+            }
+        };
+        // The event pass compares keys as text, where serde_yaml tells `1` from `"1"`: the
+        // duplicate is the one serde_yaml names, in the mapping it names.
+        let dups = &recorder.duplicates;
+        let found = dups
             .iter()
-            .find(|(name, ..)| Some(name.as_str()) == named)
-            .or(recorder.duplicates.first());
-        if duplicate && let Some((_, p, pos)) = found {
-            let (p, pos) = (p.clone(), *pos);
-            at = Some(pos);
-            // serde_yaml's message names the mapping's path and the key; the path now names
-            // the duplicate itself.
-            message = message
-                .rsplit_once(": duplicate entry")
-                .map(|(_, rest)| format!("duplicate entry{rest}"))
-                .unwrap_or(message);
-            path = p;
+            .find(|d| d.mapping == mapping && same_key(d))
+            .or_else(|| dups.iter().find(same_key))
+            .or_else(|| dups.iter().find(|d| d.mapping == mapping));
+        if duplicate && let Some(d) = found {
+            at = Some(d.at);
+            path = d.path.clone();
+            // The path now names the duplicate itself.
+            message = format!("duplicate entry{rest}");
+        } else if several && let Some(&second) = recorder.documents.get(1) {
+            at = Some(second);
+            message = "a second document starts here; a file holds one".to_owned();
         } else if let Err(refused) = parsed {
             let m = refused.marker();
             at = Some((m.line(), m.col() + 1));
@@ -283,9 +303,6 @@ fn locate(file: &Path, source: &str, e: &serde_yaml::Error) -> ConfigError {
                      starts here; a file holds one document ({why})"
                 );
             }
-        } else if several && let Some(&second) = recorder.documents.get(1) {
-            at = Some(second);
-            message = "a second document starts here; a file holds one".to_owned();
         }
     }
     let (line, column) = at.unwrap_or((1, 1));
@@ -295,6 +312,41 @@ fn locate(file: &Path, source: &str, e: &serde_yaml::Error) -> ConfigError {
         column,
         path,
         message: format!("invalid YAML: {message}"),
+    }
+}
+
+/// A key given twice in one mapping, as the event pass saw it.
+struct Duplicate {
+    name: String,
+    mapping: String,
+    path: String,
+    at: (usize, usize),
+}
+
+/// Nesting deeper than this is not recorded: serde_yaml refuses it (its limit is 128), and a
+/// path per level would cost memory in the square of the depth.
+const MAX_DEPTH: usize = 256;
+
+/// Feeds `source`'s events to `recorder`, one at a time, up to [`MAX_DEPTH`] levels of nesting.
+/// (`Parser::load` recurses once per level without a bound for block nesting: on a file that
+/// serde_yaml refused, a hundred thousand `- ` could overflow the stack.)
+fn replay(source: &str, recorder: &mut Recorder) -> Result<(), ScanError> {
+    let mut parser = Parser::new_from_str(source);
+    let mut depth = 0usize;
+    loop {
+        let (event, mark) = parser.next_token()?;
+        match event {
+            Event::StreamEnd => return Ok(()),
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Ok(());
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        recorder.on_event(event, mark);
     }
 }
 
@@ -422,6 +474,38 @@ mod tests {
         let src = "a: { 1: x, \"1\": y }\nb: 1\nb: 2\n";
         let e = parse(Path::new("d.yaml"), src).unwrap_err();
         assert_eq!((e.line, e.path.as_str()), (3, "b"), "{e}");
+    }
+
+    #[test]
+    fn the_duplicate_is_the_one_serde_yaml_names() {
+        // `true` and `"true"` are two keys to serde_yaml, one text to the event pass.
+        let src = "t: { true: 1, \"true\": 2 }\nu: { true: 1, true: 2 }\n";
+        let e = parse(Path::new("d.yaml"), src).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (2, "u.true"), "{e}");
+        // A key serde_yaml renders escaped.
+        let src = "a: { 1: x, \"1\": y }\n'C:\\dir': 1\n'C:\\dir': 2\n";
+        let e = parse(Path::new("d.yaml"), src).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (3, "C:\\dir"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_in_a_refused_file_is_no_crash() {
+        // serde_yaml refuses both before its depth limit (a second document; a duplicate), so
+        // the event pass sees the whole depth: it must not recurse per level, nor build a path
+        // per level beyond a bound.
+        let deep = "- ".repeat(100_000);
+        let started = std::time::Instant::now();
+        let e = parse(Path::new("n.yaml"), &format!("a: 1\n---\n{deep}x\n")).unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        let e = parse(Path::new("n.yaml"), &format!("a: 1\na: 2\nb:\n  {deep}x\n")).unwrap_err();
+        assert_eq!((e.line, e.path.as_str()), (2, "a"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_second_document_is_placed_at_its_start_even_when_it_is_broken() {
+        let e = parse(Path::new("m.yaml"), "a: 1\n---\nb: [1,\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
     }
 
     #[test]
