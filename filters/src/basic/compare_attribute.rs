@@ -1,6 +1,7 @@
 //! `compare_attribute`: passes when an attribute equals a value, is one of several, or
-//! matches a regular expression; fails otherwise (and when the attribute is not set). Its
-//! own failure response is 403; policies usually give it an `on_failure` edge instead.
+//! matches a regular expression; fails otherwise (and when the attribute is not set, which
+//! includes a query or form parameter given more than once). Its own failure response is 403;
+//! policies usually give it an `on_failure` edge instead.
 
 use std::sync::Arc;
 
