@@ -135,7 +135,7 @@ const NOT_A_NAME: [&str; 2] = [
 /// setting takes in place of serde_yaml's `expected a Value::Tagged enum` or `expected variant
 /// identifier`. To learn them, `value` is deserialised once more with a string that no enum
 /// takes at `path`, for serde's "unknown variant ..., expected `a` or `b`".
-pub fn name_the_choices<C: DeserializeOwned>(
+fn name_the_choices<C: DeserializeOwned>(
     value: &serde_yaml::Value,
     path: &str,
     message: String,

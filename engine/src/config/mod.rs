@@ -780,13 +780,13 @@ fn typed<T: DeserializeOwned>(
     v: &Value,
     errors: &mut Vec<ConfigError>,
 ) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+    // The filters' own settings go through the same `parse` (the offending key's path, and an
+    // enum's names where serde_yaml gives none).
+    match filters::registry::parse::<T>(v.clone()) {
         Ok(t) => Some(t),
         Err(e) => {
-            let sub = e.path().to_string();
-            let msg = filters::registry::name_the_choices::<T>(v, &sub, e.inner().to_string());
-            let msg = yaml::clean_message(&msg);
-            errors.push(doc.error(&join_error_path(path, &sub, &msg), msg));
+            let msg = yaml::clean_message(&e.message);
+            errors.push(doc.error(&join_error_path(path, &e.path, &msg), msg));
             None
         }
     }
