@@ -22,8 +22,14 @@ use store::{
 
 use crate::procfs;
 
-fn random_digest() -> Digest {
-    Digest(rand::random())
+/// A new token's digest as `store` keeps it: random, and carrying the place the store gives,
+/// if any, as the digest of a token minted with that place would.
+fn random_digest(store: &dyn TokenStore) -> Digest {
+    let mut digest = Digest(rand::random());
+    if let Some(place) = store.token_place() {
+        place.mark(&mut digest);
+    }
+    digest
 }
 
 fn grant(client_id: &str) -> Arc<Grant> {
@@ -35,14 +41,15 @@ fn grant(client_id: &str) -> Arc<Grant> {
     })
 }
 
-fn new_issue(grant: Arc<Grant>, family: FamilyId, generation: u32, now: i64) -> Issue {
-    issue_of(
-        grant,
-        family,
-        generation,
-        now,
-        [random_digest(), random_digest()],
-    )
+fn new_issue(
+    store: &dyn TokenStore,
+    grant: Arc<Grant>,
+    family: FamilyId,
+    generation: u32,
+    now: i64,
+) -> Issue {
+    let digests = [random_digest(store), random_digest(store)];
+    issue_of(grant, family, generation, now, digests)
 }
 
 /// An issue of the refresh grant's lifetimes (3600 s, 43200 s) under these digests: a rotation's
@@ -101,12 +108,12 @@ pub async fn rotate_loop(
         handles.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(1 << 14);
             let now = store::now();
-            let first = new_issue(grant(CLIENT), FamilyId::random(), 0, now);
+            let first = new_issue(&*store, grant(CLIENT), FamilyId::random(), 0, now);
             let mut presented = first.refresh.expect("refresh").digest;
             store.issue(first).await?;
             while phase.load(Ordering::Relaxed) != 2 {
                 let now = store::now();
-                let (access, refresh) = (random_digest(), random_digest());
+                let (access, refresh) = (random_digest(&*store), random_digest(&*store));
                 let decide = |old: &RefreshToken| {
                     let grant = Arc::new(Grant::clone(&old.grant));
                     let next = old.generation + 1;
@@ -195,7 +202,7 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<AtCap> {
     let t0 = store::now();
     let mut heads = Vec::with_capacity(CHAINS);
     for _ in 0..CHAINS {
-        let issue = new_issue(grant("bench-client"), FamilyId::random(), 0, t0);
+        let issue = new_issue(&store, grant("bench-client"), FamilyId::random(), 0, t0);
         heads.push(issue.refresh.expect("refresh").digest);
         store.issue_now(issue)?;
     }
@@ -214,7 +221,7 @@ pub fn rotations_at_cap(max_tokens: u64) -> anyhow::Result<AtCap> {
             let now = t0 + (done as u64 / per_second) as i64;
             let chain = done % CHAINS;
             done += 1;
-            let (access, refresh) = (random_digest(), random_digest());
+            let (access, refresh) = (random_digest(&store), random_digest(&store));
             let decide = |old: &RefreshToken| {
                 let (grant, next) = (old.grant.clone(), old.generation + 1);
                 RotateDecision::Rotate(issue_of(grant, old.family, next, now, [access, refresh]))
@@ -321,7 +328,13 @@ pub async fn memory_per_token(
             let store = store::memory::MemoryStore::new((pairs * 2) as u64);
             for _ in 0..pairs {
                 store
-                    .issue(new_issue(grant(&client), FamilyId::random(), 0, now))
+                    .issue(new_issue(
+                        &store,
+                        grant(&client),
+                        FamilyId::random(),
+                        0,
+                        now,
+                    ))
                     .await?;
             }
             let entries = store.entry_count();

@@ -47,6 +47,17 @@ pub trait Backend: Sync {
         &self,
         family: FamilyId,
     ) -> impl Future<Output = StoreResult<Option<u64>>> + Send;
+
+    /// The store itself, for what never waits: [`TokenStore::token_place`] and
+    /// [`TokenStore::token_digest`].
+    fn tokens(&self) -> &dyn TokenStore;
+
+    /// A new token of `len` characters, with the place its store gives, and its digest.
+    fn mint(&self, len: usize) -> (String, Digest) {
+        let token = crate::oauth::generate_token(len, self.tokens().token_place());
+        let digest = self.tokens().token_digest(&token);
+        (token, digest)
+    }
 }
 
 /// The stores' own futures.
@@ -59,6 +70,7 @@ pub struct Waiting<'a> {
 pub struct Immediate<'a> {
     registry: Option<&'a dyn ImmediateRegistry>,
     store: &'a dyn ImmediateStore,
+    tokens: &'a dyn TokenStore,
 }
 
 impl<'a> Immediate<'a> {
@@ -72,6 +84,7 @@ impl<'a> Immediate<'a> {
         Some(Immediate {
             registry,
             store: store.immediate()?,
+            tokens: store,
         })
     }
 }
@@ -122,6 +135,10 @@ impl Backend for Waiting<'_> {
     ) -> impl Future<Output = StoreResult<Option<u64>>> + Send {
         self.store.revoke_family(family)
     }
+
+    fn tokens(&self) -> &dyn TokenStore {
+        self.store
+    }
 }
 
 // The work runs when the future is first polled, as it does for a store's own future, not
@@ -162,6 +179,10 @@ impl Backend for Immediate<'_> {
 
     async fn revoke_family(&self, family: FamilyId) -> StoreResult<Option<u64>> {
         self.store.revoke_family_now(family)
+    }
+
+    fn tokens(&self) -> &dyn TokenStore {
+        self.tokens
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use store::{Digest, FamilyId, Grant, Issue, NewToken};
+use store::{FamilyId, Grant, Issue, NewToken};
 
 use crate::attributes::Param;
 use crate::backend::{Backend, run_now};
@@ -132,10 +132,12 @@ impl ClientCredentials {
         let now = store::now();
         let mut metadata = BTreeMap::new();
         self.base.metadata.render_into(ex, &mut metadata);
-        let access = oauth::generate_token(self.base.access.length);
+        let (access, access_digest) = backend.mint(self.base.access.length);
         // A refresh token only for a client that may use it.
-        let refresh = (self.include_refresh_token && app.allows_grant("refresh_token"))
-            .then(|| oauth::generate_token(self.refresh.length));
+        let (refresh, refresh_digest) = (self.include_refresh_token
+            && app.allows_grant("refresh_token"))
+        .then(|| backend.mint(self.refresh.length))
+        .unzip();
         let issue = Issue {
             grant: Arc::new(Grant {
                 client_id: app.client_id.clone(),
@@ -147,11 +149,11 @@ impl ClientCredentials {
             generation: 0,
             issued_at: now,
             access: NewToken {
-                digest: Digest::of(&access),
+                digest: access_digest,
                 expires_at: now + self.base.access.expiry_secs as i64,
             },
-            refresh: refresh.as_ref().map(|r| NewToken {
-                digest: Digest::of(r),
+            refresh: refresh_digest.map(|digest| NewToken {
+                digest,
                 expires_at: now + self.refresh.expiry_secs as i64,
             }),
             replay: None,
@@ -214,7 +216,9 @@ mod tests {
         assert_eq!(r.status(), 200);
         let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
         let access = body["access_token"].as_str().unwrap();
-        let found = store.access_token(&Digest::of(access), store::now()).await;
+        let found = store
+            .access_token(&store.token_digest(access), store::now())
+            .await;
         found.unwrap().is_some_and(|t| t.grant.client_id == "app")
     }
 

@@ -86,9 +86,12 @@ impl OAuthError {
 }
 
 /// A fresh token: `len` alphanumeric characters from the thread-local CSPRNG (ChaCha, seeded
-/// from the operating system and reseeded periodically).
-pub fn generate_token(len: usize) -> String {
-    const ALPHABET: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+/// from the operating system and reseeded periodically). With a `place` from the token's store
+/// ([`store::Place`]), the token starts with it, when that leaves at least
+/// [`MIN_TOKEN_LENGTH`] random characters (a place is not secret: what makes the token
+/// unguessable is what follows it).
+pub fn generate_token(len: usize, place: Option<store::Place>) -> String {
+    const ALPHABET: &[u8; 62] = store::TOKEN_ALPHABET;
     // Bytes drawn in blocks (one RNG call per 64 bytes, not one per character); a byte below
     // 248 = 4 × 62 maps to a character without bias (`b >> 2`: each character from four byte
     // values), the rest are dropped.
@@ -96,6 +99,9 @@ pub fn generate_token(len: usize) -> String {
     // Not `vec![0; len]`: that is a `calloc`, which glibc serves past its per-thread cache
     // (≈ 200 instructions against ≈ 30 for the `malloc` of `with_capacity`).
     let mut token = Vec::with_capacity(len);
+    if let Some(place) = place.filter(|_| len >= MIN_TOKEN_LENGTH + store::Place::CHARS) {
+        place.write(&mut token);
+    }
     let mut block = [0u8; 64];
     while token.len() < len {
         rng.fill_bytes(&mut block);
@@ -394,16 +400,39 @@ mod tests {
     #[test]
     fn generated_tokens_have_the_length_and_the_whole_alphabet() {
         for len in [0, 1, 46, 54, 200] {
-            let t = generate_token(len);
+            let t = generate_token(len, None);
             assert_eq!(t.len(), len);
             assert!(t.bytes().all(|b| b.is_ascii_alphanumeric()), "{t}");
         }
         // Every one of the 62 characters turns up in 20,000 draws (a missing one would mean a
         // broken mapping; the chance of a miss by luck is about 62 × e^-325).
-        let many: String = (0..400).map(|_| generate_token(50)).collect();
+        let many: String = (0..400).map(|_| generate_token(50, None)).collect();
         let seen: std::collections::BTreeSet<u8> = many.bytes().collect();
         assert_eq!(seen.len(), 62);
-        assert_ne!(generate_token(54), generate_token(54));
+        assert_ne!(generate_token(54, None), generate_token(54, None));
+    }
+
+    /// A token minted with a place starts with it when at least [`MIN_TOKEN_LENGTH`] random
+    /// characters follow, and is then the same length; shorter, it is random throughout.
+    #[test]
+    fn a_token_starts_with_its_place_when_that_leaves_enough_random() {
+        let place = store::Place::new(4321, 98_765);
+        let enough = MIN_TOKEN_LENGTH + store::Place::CHARS;
+        for len in [enough, 46, 54, 200] {
+            let t = generate_token(len, Some(place));
+            assert_eq!(t.len(), len);
+            assert_eq!(store::Place::parse(&t), Some(place), "{t}");
+            assert!(t.bytes().all(|b| b.is_ascii_alphanumeric()), "{t}");
+        }
+        // One short of it: 400 tokens that would all start with the place's characters if it
+        // were written; random ones share those 7 characters with odds of 62^-7 each.
+        let mut prefix = Vec::new();
+        place.write(&mut prefix);
+        for _ in 0..400 {
+            let t = generate_token(enough - 1, Some(place));
+            assert_eq!(t.len(), enough - 1);
+            assert_ne!(t.as_bytes()[..store::Place::CHARS], prefix[..], "{t}");
+        }
     }
 
     #[test]
@@ -413,7 +442,7 @@ mod tests {
         // far outside ±5%.
         let mut counts = std::collections::HashMap::<u8, u32>::new();
         for _ in 0..10_000 {
-            for b in generate_token(62).bytes() {
+            for b in generate_token(62, None).bytes() {
                 *counts.entry(b).or_default() += 1;
             }
         }

@@ -35,7 +35,7 @@ use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
-use store::{Digest, Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcome};
+use store::{Grant, Issue, NewToken, Replay, RotateDecision, RotateOutcome};
 
 use crate::attributes::Param;
 use crate::backend::{Backend, run_now};
@@ -184,7 +184,10 @@ impl RefreshAccessToken {
                 return Ok(self.fail(ex, e, "invalid_request"));
             }
             p => match p.value() {
-                Some(v) => (Digest::of(v), grace.then(|| v.to_owned())),
+                Some(v) => (
+                    backend.tokens().token_digest(v),
+                    grace.then(|| v.to_owned()),
+                ),
                 None => {
                     let e = OAuthError::new(ErrorCode::InvalidRequest, "refresh_token is missing");
                     return Ok(self.fail(ex, e, "invalid_request"));
@@ -242,11 +245,12 @@ impl RefreshAccessToken {
                     join_scope(wanted)
                 }
             };
-            let access = oauth::generate_token(self.base.access.length);
-            let refresh = self
+            let (access, access_digest) = backend.mint(self.base.access.length);
+            let (refresh, refresh_digest) = self
                 .refresh
                 .generate
-                .then(|| oauth::generate_token(self.refresh.length));
+                .then(|| backend.mint(self.refresh.length))
+                .unzip();
             // The new refresh token keeps the presented one's scope (RFC 6749 §6); only the
             // access token carries a narrowed scope.
             // With no metadata to add, the grant is the presented token's, shared as it is.
@@ -290,11 +294,11 @@ impl RefreshAccessToken {
                 generation: old.generation + 1,
                 issued_at: now,
                 access: NewToken {
-                    digest: Digest::of(&access),
+                    digest: access_digest,
                     expires_at: now + self.base.access.expiry_secs as i64,
                 },
-                refresh: refresh.as_ref().map(|r| NewToken {
-                    digest: Digest::of(r),
+                refresh: refresh_digest.map(|digest| NewToken {
+                    digest,
                     expires_at: now + self.refresh.expiry_secs as i64,
                 }),
                 replay,
@@ -416,7 +420,8 @@ mod tests {
     use super::*;
 
     use store::{
-        AccessToken, FamilyId, ImmediateStore, StoreError, StoreResult, TokenStore, UnixTime,
+        AccessToken, Digest, FamilyId, ImmediateStore, StoreError, StoreResult, TokenStore,
+        UnixTime,
     };
 
     /// How long each rotation of [`RevocationFails`] takes.
@@ -569,9 +574,12 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(ex.get("oauth.client_id").as_deref(), Some("app"));
         let consumed = memory
-            .rotate(&Digest::of(&pair.refresh), "app", store::now(), &|_| {
-                RotateDecision::Reject
-            })
+            .rotate(
+                &memory.token_digest(&pair.refresh),
+                "app",
+                store::now(),
+                &|_| RotateDecision::Reject,
+            )
             .await
             .unwrap();
         assert!(matches!(consumed, RotateOutcome::AlreadyRotated { .. }));
@@ -652,7 +660,7 @@ mod tests {
 
         let body = body_of(refresh_without_scope(&memory, "{}", &pair.refresh).await);
         assert_eq!(body["scope"], "read", "{body}");
-        let access = Digest::of(body["access_token"].as_str().unwrap());
+        let access = memory.token_digest(body["access_token"].as_str().unwrap());
         let at = memory.access_token(&access, now).await.unwrap().unwrap();
         assert_eq!(at.grant.scope, "read");
         // The new refresh token keeps the original grant (RFC 6749 §6): without the registry
@@ -667,7 +675,7 @@ mod tests {
             scope: "write".into(),
             ..(*store::testing::grant("app")).clone()
         });
-        let (issue, pair) = store::testing::new_issue(grant, now, 3600, 7200);
+        let (issue, pair) = store::testing::new_issue(&*memory, grant, now, 3600, 7200);
         memory.issue(issue).await.unwrap();
         for _ in 0..2 {
             let Flow::Fail(f) = refresh_without_scope(&memory, "{}", &pair.refresh).await else {

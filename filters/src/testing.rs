@@ -66,8 +66,13 @@ pub fn built(
 /// `read write`, access token for an hour, refresh token for two), and its tokens.
 pub async fn memory_with_pair() -> (Arc<MemoryStore>, Pair) {
     let memory = Arc::new(MemoryStore::new(1_000));
-    let (issue, pair) =
-        store::testing::new_issue(store::testing::grant("app"), store::now(), 3600, 7200);
+    let (issue, pair) = store::testing::new_issue(
+        &*memory,
+        store::testing::grant("app"),
+        store::now(),
+        3600,
+        7200,
+    );
     memory.issue(issue).await.unwrap();
     (memory, pair)
 }

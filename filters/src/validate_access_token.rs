@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use http::{HeaderValue, StatusCode, header};
 use serde::Deserialize;
-use store::{Digest, SharedStore};
+use store::SharedStore;
 
 use crate::backend::{Backend, Immediate, Waiting, run_now};
 use crate::oauth::parse_scope;
@@ -119,7 +119,10 @@ impl ValidateAccessToken {
             Some(Ok(t)) => t,
         };
         let now = store::now();
-        let Some(at) = backend.access_token(&Digest::of(token), now).await? else {
+        let Some(at) = backend
+            .access_token(&backend.tokens().token_digest(token), now)
+            .await?
+        else {
             return Ok(self.deny(StatusCode::UNAUTHORIZED, Some("invalid_token"), ""));
         };
         let granted = parse_scope(&at.grant.scope);

@@ -99,6 +99,98 @@ impl fmt::Debug for Digest {
     }
 }
 
+/// The characters of a token: what [`Place`] writes, and what the filters mint the rest with.
+pub const TOKEN_ALPHABET: &[u8; 62] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// Where a store will keep the entry of a token about to be minted, written into the token
+/// itself so that presenting the token leads the store straight to its entry.
+///
+/// Only the memory store gives places ([`TokenStore::token_place`]). A hash table that places
+/// each new entry at a random slot of a table of a million takes a cache miss per write, and
+/// another per lookup; entries written in the order they are issued, each at the place its token
+/// names, are written to memory in sequence and found where they were written
+/// (bench/PROFILING.md, 2026-12-05). The place is a hint, not a key: an entry is still found by
+/// its whole digest, so a token whose place was altered is simply not found, as any other
+/// unknown token.
+///
+/// In the token: the first [`Place::CHARS`] characters, base 62, most significant first.
+/// In the digest ([`Place::digest`]): the token's SHA-256 with the sequence in its bytes 0..3 and
+/// the slot in the top 14 bits of bytes 8..10, the bytes from which the memory store takes a
+/// digest's hash and its shard. 208 bits of the SHA-256 remain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    /// One of 2^14 slots, which the memory store maps to its shards.
+    pub slot: u16,
+    /// The position in the shard's table, in writing order (24 bits).
+    pub seq: u32,
+}
+
+impl Place {
+    /// Characters a place takes at the start of a token: 62^7 > 2^38.
+    pub const CHARS: usize = 7;
+    pub const SLOT_BITS: u32 = 14;
+    pub const SEQ_BITS: u32 = 24;
+
+    pub fn new(slot: u16, seq: u32) -> Self {
+        Place {
+            slot: slot & ((1 << Self::SLOT_BITS) - 1),
+            seq: seq & ((1 << Self::SEQ_BITS) - 1),
+        }
+    }
+
+    fn value(self) -> u64 {
+        (u64::from(self.slot) << Self::SEQ_BITS) | u64::from(self.seq)
+    }
+
+    /// Appends the place's [`Place::CHARS`] characters.
+    pub fn write(self, out: &mut Vec<u8>) {
+        let mut chars = [0u8; Self::CHARS];
+        let mut v = self.value();
+        for c in chars.iter_mut().rev() {
+            *c = TOKEN_ALPHABET[(v % 62) as usize];
+            v /= 62;
+        }
+        out.extend_from_slice(&chars);
+    }
+
+    /// The place a token's first characters name, if they name one: any token does whose first
+    /// [`Place::CHARS`] characters are alphanumeric and read below 2^38.
+    pub fn parse(token: &str) -> Option<Place> {
+        let mut v: u64 = 0;
+        for &c in token.as_bytes().get(..Self::CHARS)? {
+            let d = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                _ => return None,
+            };
+            v = v * 62 + u64::from(d);
+        }
+        (v < 1 << (Self::SLOT_BITS + Self::SEQ_BITS)).then(|| {
+            Place::new(
+                (v >> Self::SEQ_BITS) as u16,
+                (v & ((1 << Self::SEQ_BITS) - 1)) as u32,
+            )
+        })
+    }
+
+    /// The digest of a token that carries this place (see the type's doc).
+    pub fn digest(self, token: &str) -> Digest {
+        let mut d = Digest::of(token);
+        self.mark(&mut d);
+        d
+    }
+
+    /// Writes the place into a digest's bytes 0..3 and the top 14 bits of bytes 8..10.
+    pub fn mark(self, digest: &mut Digest) {
+        let d = &mut digest.0;
+        d[..3].copy_from_slice(&self.seq.to_le_bytes()[..3]);
+        let slot = (self.slot << 2) | u16::from(d[9] & 3);
+        d[8..10].copy_from_slice(&slot.to_be_bytes());
+    }
+}
+
 /// Seconds since the Unix epoch. Stores compare expiry with this clock, never with a monotonic
 /// one, so that a token's expiry survives restarts and means the same on every replica.
 pub type UnixTime = i64;
@@ -313,6 +405,21 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// The place the next token minted for this store should carry ([`Place`]), or `None`
+    /// (the default: the SQL stores, which find a token by an index of their own). Asked once
+    /// per token, on the thread that then writes it.
+    fn token_place(&self) -> Option<Place> {
+        None
+    }
+
+    /// The digest under which this store keeps `token`, and by which it is presented: every
+    /// caller takes a token's digest here, never with [`Digest::of`] directly, since a store
+    /// that gives places takes the place's bytes from the token ([`Place::digest`]). A store
+    /// that wraps another passes this and [`TokenStore::token_place`] through, or neither.
+    fn token_digest(&self, token: &str) -> Digest {
+        Digest::of(token)
+    }
+
     /// The same store without futures, when it never waits (the memory store): a filter then
     /// answers without boxing a future per operation, and a request whose nodes all answer this
     /// way runs without a request future at all. `None` (the default): every operation waits
@@ -342,3 +449,74 @@ pub trait ImmediateStore: Send + Sync {
 }
 
 pub type SharedStore = Arc<dyn TokenStore>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_place_reads_back_from_the_token_it_starts() {
+        let edges = [
+            (0, 0),
+            ((1 << 14) - 1, (1 << 24) - 1),
+            (1, 1 << 23),
+            (8191, 12345),
+        ];
+        let random = (0..2000).map(|_| (rand::random::<u16>(), rand::random::<u32>()));
+        for (slot, seq) in edges.into_iter().chain(random) {
+            let place = Place::new(slot, seq);
+            assert_eq!(u32::from(place.slot), u32::from(slot) & ((1 << 14) - 1));
+            assert_eq!(place.seq, seq & ((1 << 24) - 1));
+            let mut token = Vec::new();
+            place.write(&mut token);
+            assert_eq!(token.len(), Place::CHARS);
+            assert!(token.iter().all(|c| TOKEN_ALPHABET.contains(c)));
+            token.extend_from_slice(b"rest0fTheT0ken");
+            let token = String::from_utf8(token).unwrap();
+            assert_eq!(Place::parse(&token), Some(place), "{token}");
+        }
+    }
+
+    #[test]
+    fn text_that_names_no_place_has_none() {
+        // Too short, not alphanumeric, or past 2^38 (62^7 is about 3.5e12): 'F' as first
+        // character is already 5 * 62^6 > 2^38.
+        for token in [
+            "",
+            "ABCDEF",
+            "ABC-EFGhij",
+            "ABCDEF\u{e9}",
+            "FAAAAAAxyz",
+            "zzzzzzz",
+        ] {
+            assert_eq!(Place::parse(token), None, "{token:?}");
+        }
+        assert!(Place::parse("AAAAAAA").is_some());
+        assert!(Place::parse("EAAAAAAtail").is_some());
+    }
+
+    #[test]
+    fn a_placed_digest_is_the_tokens_own_but_for_the_places_bytes() {
+        let place = Place::new(0x2abc, 0x00c0_ffee);
+        let token = "E3xAmpLeTokenWithSomeRandomCharactersAfterIt";
+        let (plain, placed) = (Digest::of(token), place.digest(token));
+        assert_eq!(
+            placed.0[..3],
+            [0xee, 0xff, 0xc0],
+            "the sequence, little-endian"
+        );
+        assert_eq!(
+            u16::from_be_bytes([placed.0[8], placed.0[9]]) >> 2,
+            0x2abc,
+            "the slot, in the top 14 bits of bytes 8..10"
+        );
+        let kept: Vec<usize> = (0..32).filter(|&i| plain.0[i] == placed.0[i]).collect();
+        let theirs = (3..8).chain(10..32).all(|i| kept.contains(&i));
+        assert!(theirs && placed.0[9] & 3 == plain.0[9] & 3, "{kept:?}");
+        assert_eq!(place.digest(token), placed, "deterministic");
+        assert_ne!(
+            place.digest("E3xAmpLeTokenWithSomeRandomCharactersAfterIu"),
+            placed
+        );
+    }
+}

@@ -44,7 +44,7 @@ mod table;
 
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -151,12 +151,43 @@ impl Entry {
 }
 
 type Table = table::Table<Entry>;
+use table::Inserted;
 
 /// One shard: its table and the next victims of its evictions.
 #[derive(Default)]
 struct Shard {
     table: Table,
     reserve: Reserve,
+}
+
+/// A shard behind its lock, and the sequence of the places it gives ([`Place::seq`]): the next
+/// token written to the shard should land at that position of its table.
+#[derive(Default)]
+struct ShardCell {
+    lock: Mutex<Shard>,
+    next: AtomicU32,
+}
+
+/// Places are given out by heads, one per writing thread (threads take them in turn): a head
+/// visits the slots of the [`ShardMap`] [`STRIDE`] apart, so that consecutive tokens go to
+/// shards spread over the store and every shard is written in proportion to its share at any
+/// scale above a few hundred tokens, as it was when the shard came from the digest (the
+/// eviction relies on it: each shard evicts its own oldest). Within a shard, tokens go to
+/// consecutive positions of its table: the store's writes touch the 256 shards' current
+/// positions, a few lines each, which stay in cache, where a random slot of a table of a
+/// million missed on every write.
+const HEADS: usize = 16;
+/// Odd, so that a head visits every slot once per [`SHARD_SLOTS`] places; near
+/// `SHARD_SLOTS` / the golden ratio, so that consecutive slots are far apart.
+const STRIDE: usize = 10_127;
+
+/// This thread's head, among [`HEADS`].
+fn head_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HEAD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % HEADS;
+    }
+    HEAD.with(|h| *h)
 }
 
 /// The entries an eviction pass found ranked just above the ones it evicted, taken by the
@@ -409,7 +440,9 @@ enum Found {
 /// cache and about 175 ns when they do not (`bench probe` times a round trip, two transfers);
 /// whole runs did not resolve what padding saved (bench/PROFILING.md, 2026-12-05).
 pub struct MemoryStore {
-    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    shards: Box<[CachePadded<ShardCell>]>,
+    /// Where each writing thread's next tokens go ([`MemoryStore::token_place`]).
+    heads: Box<[CachePadded<AtomicU64>]>,
     shard_map: ShardMap,
     locks: Box<[CachePadded<Mutex<()>>]>,
     /// Families revoked whose entries the purge has not yet removed (see the module's doc).
@@ -440,8 +473,9 @@ impl MemoryStore {
     pub fn new(max_tokens: u64) -> Self {
         MemoryStore {
             shards: (0..SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(Shard::default())))
+                .map(|_| CachePadded::new(ShardCell::default()))
                 .collect(),
+            heads: (0..HEADS).map(|_| CachePadded::default()).collect(),
             shard_map: ShardMap::new(),
             locks: (0..LOCK_STRIPES)
                 .map(|_| CachePadded::new(Mutex::new(())))
@@ -497,7 +531,7 @@ impl MemoryStore {
     }
 
     fn shard(&self, digest: &Digest) -> MutexGuard<'_, Shard> {
-        locked(&self.shards[self.shard_map.of(digest)])
+        locked(&self.shards[self.shard_map.of(digest)].lock)
     }
 
     fn read<R>(&self, digest: &Digest, f: impl FnOnce(&Entry) -> R) -> Option<R> {
@@ -538,16 +572,26 @@ impl MemoryStore {
 
     fn put(&self, digest: Digest, entry: Entry) {
         let (issued_at, expires_at) = (entry.issued_at, entry.expires_at);
-        let mut shard = self.shard(&digest);
+        let cell = &self.shards[self.shard_map.of(&digest)];
+        let mut shard = locked(&cell.lock);
         // An entry of a revoked family ranks below every live one. No rotation writes one
         // (the family is checked under its lock), but an issue names its own family.
         let revoked = !shard.reserve.next.is_empty() && self.family_revoked(entry.family());
-        let replaced = shard.table.insert(digest, entry).is_some();
-        if !replaced {
-            // Counted under the shard's lock, so that no eviction or purge can take the entry
-            // (and count it out) before it is counted in.
-            self.counts.len.fetch_add(1, Ordering::Relaxed);
-        }
+        let replaced = match shard.table.insert(digest, entry) {
+            Inserted::Replaced(_) => true,
+            Inserted::New { skipped } => {
+                // Counted under the shard's lock, so that no eviction or purge can take the
+                // entry (and count it out) before it is counted in.
+                self.counts.len.fetch_add(1, Ordering::Relaxed);
+                // The entry went past live ones to the first free slot: the shard's next
+                // places go past them too, so that tokens land where their places say instead
+                // of each further behind the last (a head that skips live slots, as a clock).
+                if skipped > 0 {
+                    cell.next.fetch_add(skipped as u32, Ordering::Relaxed);
+                }
+                false
+            }
+        };
         shard
             .reserve
             .written(issued_at, expires_at, revoked || replaced);
@@ -559,7 +603,7 @@ impl MemoryStore {
     /// that finds them is paid once per batch and not once per write; they come from the
     /// shard's [`Reserve`] while it is valid, then from a pass. Returns how many went.
     fn evict_batch(&self, index: usize, at_least: u64, now: UnixTime) -> u64 {
-        let mut guard = locked(&self.shards[index]);
+        let mut guard = locked(&self.shards[index].lock);
         let Shard { table, reserve } = &mut *guard;
         // Read under the shard's lock (a token's revocation moves it under that lock) and
         // before the revoked families a pass reads: a reserve is never dated later than what
@@ -640,7 +684,7 @@ impl MemoryStore {
     fn sweep_revoked(&self) {
         let revoked = self.revoked_now();
         for shard in self.shards.iter() {
-            self.purge_shard(shard, UnixTime::MIN, &revoked);
+            self.purge_shard(&shard.lock, UnixTime::MIN, &revoked);
         }
         self.forget_swept(&revoked);
     }
@@ -784,6 +828,22 @@ impl TokenStore for MemoryStore {
         "memory"
     }
 
+    fn token_place(&self) -> Option<Place> {
+        let head = head_index();
+        let n = self.heads[head].fetch_add(1, Ordering::Relaxed) as usize;
+        let slot = (head * SHARD_SLOTS / HEADS + n.wrapping_mul(STRIDE)) % SHARD_SLOTS;
+        let shard = usize::from(self.shard_map.shard_of_slot[slot]);
+        let seq = self.shards[shard].next.fetch_add(1, Ordering::Relaxed);
+        Some(Place::new(slot as u16, seq))
+    }
+
+    fn token_digest(&self, token: &str) -> Digest {
+        match Place::parse(token) {
+            Some(place) => place.digest(token),
+            None => Digest::of(token),
+        }
+    }
+
     async fn issue(&self, issue: Issue) -> StoreResult<()> {
         self.issue_now(issue)
     }
@@ -838,7 +898,7 @@ impl TokenStore for MemoryStore {
         let revoked = self.revoked_now();
         let mut removed = 0;
         for shard in self.shards.iter() {
-            removed += self.purge_shard(shard, now, &revoked);
+            removed += self.purge_shard(&shard.lock, now, &revoked);
             // One shard at a time: at a million tokens a whole pass takes milliseconds, which
             // requests on this worker should not wait for in one piece.
             tokio::task::yield_now().await;
@@ -851,7 +911,7 @@ impl TokenStore for MemoryStore {
         let revoked = self.revoked_now();
         let mut live = 0;
         for shard in self.shards.iter() {
-            live += locked(shard)
+            live += locked(&shard.lock)
                 .table
                 .values()
                 .filter(|e| e.is_live(now) && !revoked.contains(e.family()))
@@ -935,7 +995,13 @@ mod tests {
     }
 
     fn pair(store: &MemoryStore, now: UnixTime, access_ttl: i64) -> Digest {
-        let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now, access_ttl, 7200);
+        let (issue, _) = testing::new_issue(
+            store,
+            testing::grant(testing::CLIENT),
+            now,
+            access_ttl,
+            7200,
+        );
         let access = issue.access.digest;
         store.write_issue(&issue, issue.family, 0);
         access
@@ -951,7 +1017,7 @@ mod tests {
     /// Shard 0's entries and their eviction ranks at `now`.
     fn shard_zero_ranks(store: &MemoryStore, now: UnixTime) -> HashMap<Digest, Rank> {
         let revoked = store.revoked_now();
-        locked(&store.shards[0])
+        locked(&store.shards[0].lock)
             .table
             .iter()
             .map(|(d, e)| (*d, e.eviction_rank(now, &revoked)))
@@ -1080,7 +1146,7 @@ mod tests {
         }
         // A pass at `expiry` evicts expired entries and reserves more of them.
         store.evict_batch(0, 1, expiry);
-        assert!(!locked(&store.shards[0]).reserve.next.is_empty());
+        assert!(!locked(&store.shards[0].lock).reserve.next.is_empty());
         // A worker whose clock read a second earlier: those entries are live for it, and newer
         // than the old ones, which must go first.
         let before = shard_zero_ranks(&store, expiry - 1);
@@ -1169,7 +1235,7 @@ mod tests {
             let now = if rng.random_bool(0.1) { now - 1 } else { now };
             let before = ranks(now);
             let (valid, reserved) = {
-                let shard = locked(&store.shards[0]);
+                let shard = locked(&store.shards[0].lock);
                 let epoch = store.rank_epoch.load(Ordering::SeqCst);
                 (shard.reserve.valid(now, epoch), shard.reserve.next.len())
             };
@@ -1184,7 +1250,7 @@ mod tests {
             assert_eq!(evicted, expected, "step {step}");
             assert_eq!(before.len() - after.len(), expected, "step {step}");
             highest_taken(&before, &after, &format!("step {step}"));
-            let left = locked(&store.shards[0]).reserve.next.len();
+            let left = locked(&store.shards[0].lock).reserve.next.len();
             if valid && reserved > 0 && left < reserved {
                 from_reserve += 1;
             } else {
@@ -1221,7 +1287,8 @@ mod tests {
     /// Two issued pairs: the family and access token of the first (to revoke), and the access
     /// token of the second (which must survive).
     fn family_beside_a_bystander(store: &MemoryStore, now: UnixTime) -> (FamilyId, Digest, Digest) {
-        let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now, 3600, 7200);
+        let (issue, _) =
+            testing::new_issue(store, testing::grant(testing::CLIENT), now, 3600, 7200);
         store.write_issue(&issue, issue.family, 0);
         (issue.family, issue.access.digest, pair(store, now, 3600))
     }
@@ -1242,7 +1309,7 @@ mod tests {
         let store: SharedStore = memory.clone();
         let now = crate::now();
         let tomb = |refresh: &str| {
-            let digest = Digest::of(refresh);
+            let digest = memory.token_digest(refresh);
             memory
                 .read(&digest, |e| {
                     (e.state, e.tomb.as_ref().map(|t| t.replay.until))
@@ -1260,10 +1327,10 @@ mod tests {
         testing::rotate_ok(&store, &second.refresh, now, Some(replay)).await;
         assert_eq!(tomb(&second.refresh), (State::Consumed, Some(now + 30)));
 
-        let (issue, _) = testing::successor(testing::grant(testing::CLIENT), now, None);
+        let (issue, _) = testing::successor(&*store, testing::grant(testing::CLIENT), now, None);
         let again = store
             .rotate(
-                &Digest::of(&first.refresh),
+                &store.token_digest(&first.refresh),
                 testing::CLIENT,
                 now,
                 &testing::rotate_to(issue),
@@ -1323,6 +1390,73 @@ mod tests {
         assert!(is_live_access(&store, &bystander, now));
     }
 
+    /// Tokens minted with the store's places land at their places, while nothing is removed:
+    /// no write skipped a slot, so each shard's next place is the count of places it gave. And
+    /// the places spread the tokens over the shards in proportion to their shares of the
+    /// [`ShardMap`], at every scale above a few hundred tokens, as the eviction needs.
+    #[test]
+    fn tokens_land_at_their_places_spread_over_the_shards() {
+        let store = MemoryStore::new(u64::MAX);
+        let now = crate::now();
+        let mut tokens = Vec::new();
+        for i in 0..20_000 {
+            let (issue, pair) =
+                testing::new_issue(&store, testing::grant(testing::CLIENT), now, 3600, 7200);
+            store.write_issue(&issue, issue.family, 0);
+            tokens.push(pair.access);
+            if i == 100 {
+                // 202 places over 256 shards: none has had more than three. (Where the shard
+                // came from runs of places, one shard would have had them all.)
+                let most = store.shards.iter().map(|c| c.next.load(Ordering::Relaxed));
+                assert!(most.max() <= Some(3));
+            }
+        }
+        let given: Vec<u64> = store
+            .shards
+            .iter()
+            .map(|c| u64::from(c.next.load(Ordering::Relaxed)))
+            .collect();
+        assert_eq!(given.iter().sum::<u64>(), 40_000, "no write skipped a slot");
+        assert_eq!(store.entry_count(), 40_000);
+        // 40,000 places are 2.44 rounds of the 16,384 slots: every slot has had 2 or 3.
+        for (shard, &n) in given.iter().enumerate() {
+            let slots = u64::from(store.shard_map.slots[shard]);
+            assert!((2 * slots..=3 * slots).contains(&n), "shard {shard}: {n}");
+        }
+        for token in &tokens {
+            let digest = store.token_digest(token);
+            assert_eq!(digest, Place::parse(token).unwrap().digest(token));
+            assert!(is_live_access(&store, &digest, now));
+        }
+    }
+
+    /// A token's place is a hint, not a key: with one character of its place or of the rest
+    /// changed, a token is unknown, and the token as issued is still found.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_token_with_its_place_changed_is_unknown() {
+        let store: SharedStore = Arc::new(MemoryStore::new(1000));
+        let now = crate::now();
+        let pair = testing::issue_pair(&store, testing::CLIENT, now).await;
+        let change = |at: usize| {
+            let mut t = pair.access.clone().into_bytes();
+            t[at] = if t[at] == b'A' { b'B' } else { b'A' };
+            String::from_utf8(t).unwrap()
+        };
+        for at in [0, 3, Place::CHARS - 1, Place::CHARS, 20, 45] {
+            let changed = change(at);
+            let digest = store.token_digest(&changed);
+            let found = store.access_token(&digest, now).await.unwrap();
+            assert_eq!(found, None, "one character changed at {at}");
+        }
+        let mine = store.token_digest(&pair.access);
+        assert!(store.access_token(&mine, now).await.unwrap().is_some());
+        // A token that names no place is kept under its plain digest.
+        assert_eq!(
+            store.token_digest("zzzzzzz-and-so-on"),
+            Digest::of("zzzzzzz-and-so-on")
+        );
+    }
+
     #[test]
     fn a_full_store_keeps_the_newest_tokens() {
         // 20,000 pairs through a store bounded at 10,000 entries, one second apart: what
@@ -1335,8 +1469,13 @@ mod tests {
         let now = crate::now();
         let pairs: Vec<(Digest, Digest)> = (0..20_000)
             .map(|i| {
-                let (issue, _) =
-                    testing::new_issue(testing::grant(testing::CLIENT), now + i, 3600, 7200);
+                let (issue, _) = testing::new_issue(
+                    &store,
+                    testing::grant(testing::CLIENT),
+                    now + i,
+                    3600,
+                    7200,
+                );
                 store.write_issue(&issue, issue.family, 0);
                 (issue.access.digest, issue.refresh.expect("refresh").digest)
             })
@@ -1444,7 +1583,7 @@ mod tests {
                 let growing: Vec<bool> = store
                     .shards
                     .iter()
-                    .map(|s| locked(s).table.growing())
+                    .map(|s| locked(&s.lock).table.growing())
                     .collect();
                 for (g, &now_growing) in grew.iter_mut().zip(&growing) {
                     *g |= now_growing;

@@ -64,11 +64,35 @@ impl TokenStore for ThroughFutures {
     async fn ping(&self) -> StoreResult<()> {
         self.0.ping().await
     }
+    fn token_place(&self) -> Option<Place> {
+        self.0.token_place()
+    }
+    fn token_digest(&self, token: &str) -> Digest {
+        self.0.token_digest(token)
+    }
 }
 
-/// A fresh token as the gateway generates them (46 alphanumeric characters).
+/// A fresh token of 46 alphanumeric characters, unknown to every store.
 pub fn token() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 46)
+}
+
+/// A new token for `store`, as the gateway mints them (46 alphanumeric characters, starting
+/// with the place the store gives, if any), and the digest the store keeps it under.
+pub fn mint(store: &dyn TokenStore) -> (String, Digest) {
+    let mut token = Vec::new();
+    if let Some(place) = store.token_place() {
+        place.write(&mut token);
+    }
+    let rest = 46 - token.len();
+    token.extend_from_slice(
+        Alphanumeric
+            .sample_string(&mut rand::rng(), rest)
+            .as_bytes(),
+    );
+    let token = String::from_utf8(token).expect("alphanumeric");
+    let digest = store.token_digest(&token);
+    (token, digest)
 }
 
 pub fn grant(client_id: &str) -> Arc<Grant> {
@@ -88,16 +112,19 @@ pub struct Pair {
     pub family: FamilyId,
 }
 
-/// An issue of a new family with the given lifetimes, and its plaintext tokens.
+/// An issue of a new family for `store` with the given lifetimes, and its plaintext tokens.
 pub fn new_issue(
+    store: &dyn TokenStore,
     grant: Arc<Grant>,
     now: UnixTime,
     access_ttl: i64,
     refresh_ttl: i64,
 ) -> (Issue, Pair) {
+    let (access, access_digest) = mint(store);
+    let (refresh, refresh_digest) = mint(store);
     let pair = Pair {
-        access: token(),
-        refresh: token(),
+        access,
+        refresh,
         family: FamilyId::random(),
     };
     let issue = Issue {
@@ -106,11 +133,11 @@ pub fn new_issue(
         generation: 0,
         issued_at: now,
         access: NewToken {
-            digest: Digest::of(&pair.access),
+            digest: access_digest,
             expires_at: now + access_ttl,
         },
         refresh: Some(NewToken {
-            digest: Digest::of(&pair.refresh),
+            digest: refresh_digest,
             expires_at: now + refresh_ttl,
         }),
         replay: None,
@@ -121,15 +148,20 @@ pub fn new_issue(
 
 /// Issues a new family for `client_id` with the default lifetimes.
 pub async fn issue_pair(store: &SharedStore, client_id: &str, now: UnixTime) -> Pair {
-    let (issue, pair) = new_issue(grant(client_id), now, ACCESS_TTL, REFRESH_TTL);
+    let (issue, pair) = new_issue(&**store, grant(client_id), now, ACCESS_TTL, REFRESH_TTL);
     store.issue(issue).await.expect("issue");
     pair
 }
 
 /// A successor for a rotation (family and generation are the store's business), and its
 /// plaintext tokens.
-pub fn successor(grant: Arc<Grant>, now: UnixTime, replay: Option<Replay>) -> (Issue, Pair) {
-    let (mut issue, pair) = new_issue(grant, now, ACCESS_TTL, REFRESH_TTL);
+pub fn successor(
+    store: &dyn TokenStore,
+    grant: Arc<Grant>,
+    now: UnixTime,
+    replay: Option<Replay>,
+) -> (Issue, Pair) {
+    let (mut issue, pair) = new_issue(store, grant, now, ACCESS_TTL, REFRESH_TTL);
     issue.replay = replay;
     (issue, pair)
 }
@@ -147,7 +179,7 @@ async fn rotate(
     decide: &Decide<'_>,
 ) -> RotateOutcome {
     store
-        .rotate(&Digest::of(refresh), client_id, now, decide)
+        .rotate(&store.token_digest(refresh), client_id, now, decide)
         .await
         .expect("rotate")
 }
@@ -160,7 +192,7 @@ pub async fn rotate_ok(
     now: UnixTime,
     replay: Option<Replay>,
 ) -> (RefreshToken, Pair) {
-    let (issue, next) = successor(grant(CLIENT), now, replay);
+    let (issue, next) = successor(&**store, grant(CLIENT), now, replay);
     match rotate(store, refresh, CLIENT, now, &rotate_to(issue)).await {
         RotateOutcome::Rotated { consumed } => (consumed, next),
         other => panic!("expected Rotated, got {other:?}"),
@@ -169,7 +201,7 @@ pub async fn rotate_ok(
 
 async fn lookup(store: &SharedStore, access: &str, now: UnixTime) -> Option<AccessToken> {
     store
-        .access_token(&Digest::of(access), now)
+        .access_token(&store.token_digest(access), now)
         .await
         .expect("access_token")
 }
@@ -199,7 +231,7 @@ pub async fn issue_and_lookup(store: SharedStore) {
     assert_eq!(live(&store, now).await, 2);
 
     // An issue without a refresh token (client credentials) writes the access token only.
-    let (mut issue, bare) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+    let (mut issue, bare) = new_issue(&*store, grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
     issue.refresh = None;
     store.issue(issue).await.expect("issue");
     assert!(lookup(&store, &bare.access, now).await.is_some());
@@ -209,7 +241,7 @@ pub async fn issue_and_lookup(store: SharedStore) {
 /// Tokens are refused from their expiry on, whether or not a purge has run.
 pub async fn expiry_refused_before_purge(store: SharedStore) {
     let now = crate::now();
-    let (issue, pair) = new_issue(grant(CLIENT), now, 10, 20);
+    let (issue, pair) = new_issue(&*store, grant(CLIENT), now, 10, 20);
     store.issue(issue).await.expect("issue");
     assert!(lookup(&store, &pair.access, now + 9).await.is_some());
     assert_eq!(
@@ -223,7 +255,7 @@ pub async fn expiry_refused_before_purge(store: SharedStore) {
         RotateOutcome::Rejected,
         "refresh token still live a second before expiry"
     );
-    let (next, _) = successor(grant(CLIENT), now + 20, None);
+    let (next, _) = successor(&*store, grant(CLIENT), now + 20, None);
     assert_eq!(
         rotate(&store, &pair.refresh, CLIENT, now + 20, &rotate_to(next)).await,
         RotateOutcome::Invalid,
@@ -238,7 +270,7 @@ pub async fn rotation_happy_path(store: SharedStore) {
     let now = crate::now();
     let pair = issue_pair(&store, CLIENT, now).await;
     let seen = AtomicUsize::new(0);
-    let (next_issue, next) = successor(grant(CLIENT), now + 5, None);
+    let (next_issue, next) = successor(&*store, grant(CLIENT), now + 5, None);
     let decide = |t: &RefreshToken| {
         seen.fetch_add(1, Ordering::SeqCst);
         assert_eq!(t.generation, 0);
@@ -280,7 +312,7 @@ pub async fn rotation_happy_path(store: SharedStore) {
 pub async fn rotation_without_refresh_and_narrowed_access(store: SharedStore) {
     let now = crate::now();
     let pair = issue_pair(&store, CLIENT, now).await;
-    let (mut next_issue, next) = successor(grant(CLIENT), now + 5, None);
+    let (mut next_issue, next) = successor(&*store, grant(CLIENT), now + 5, None);
     next_issue.refresh = None;
     next_issue.access_grant = Some(Arc::new(Grant {
         scope: "read".to_owned(),
@@ -327,7 +359,7 @@ pub async fn wrong_client_leaves_token_intact(store: SharedStore) {
     let now = crate::now();
     let pair = issue_pair(&store, CLIENT, now).await;
     let called = AtomicUsize::new(0);
-    let (issue, _) = successor(grant(OTHER_CLIENT), now, None);
+    let (issue, _) = successor(&*store, grant(OTHER_CLIENT), now, None);
     let decide = |_: &RefreshToken| {
         called.fetch_add(1, Ordering::SeqCst);
         RotateDecision::Rotate(issue.clone())
@@ -351,7 +383,7 @@ pub async fn reuse_after_rotation(store: SharedStore) {
     let now = crate::now();
     let pair = issue_pair(&store, CLIENT, now).await;
     rotate_ok(&store, &pair.refresh, now, None).await;
-    let (issue, _) = successor(grant(CLIENT), now + 1, None);
+    let (issue, _) = successor(&*store, grant(CLIENT), now + 1, None);
     assert_eq!(
         rotate(&store, &pair.refresh, CLIENT, now + 1, &rotate_to(issue)).await,
         RotateOutcome::AlreadyRotated {
@@ -400,32 +432,32 @@ pub async fn revoke_token(store: SharedStore) {
     let other = issue_pair(&store, CLIENT, now).await;
     assert!(
         store
-            .revoke_token(&Digest::of(&pair.access))
+            .revoke_token(&store.token_digest(&pair.access))
             .await
             .expect("revoke")
     );
     assert_eq!(lookup(&store, &pair.access, now).await, None);
     assert!(
         !store
-            .revoke_token(&Digest::of(&pair.access))
+            .revoke_token(&store.token_digest(&pair.access))
             .await
             .expect("revoke"),
         "already revoked"
     );
     assert!(
         store
-            .revoke_token(&Digest::of(&pair.refresh))
+            .revoke_token(&store.token_digest(&pair.refresh))
             .await
             .expect("revoke")
     );
-    let (issue, _) = successor(grant(CLIENT), now, None);
+    let (issue, _) = successor(&*store, grant(CLIENT), now, None);
     assert_eq!(
         rotate(&store, &pair.refresh, CLIENT, now, &rotate_to(issue)).await,
         RotateOutcome::Invalid
     );
     assert!(
         !store
-            .revoke_token(&Digest::of(&token()))
+            .revoke_token(&store.token_digest(&token()))
             .await
             .expect("revoke"),
         "unknown token"
@@ -465,12 +497,12 @@ pub async fn revoke_family(store: SharedStore) {
         assert_eq!(lookup(&store, &next.access, now).await, None, "{purged}");
         assert!(
             !store
-                .revoke_token(&Digest::of(&next.access))
+                .revoke_token(&store.token_digest(&next.access))
                 .await
                 .expect("revoke_token"),
             "purged: {purged}: a revoked token is not live"
         );
-        let (issue, _) = successor(grant(CLIENT), now, None);
+        let (issue, _) = successor(&*store, grant(CLIENT), now, None);
         assert_eq!(
             rotate(
                 &store,
@@ -511,7 +543,7 @@ pub async fn revoke_family(store: SharedStore) {
 /// the rest.
 pub async fn purge_removes_expired(store: SharedStore) {
     let now = crate::now();
-    let (issue, short) = new_issue(grant(CLIENT), now, 10, 20);
+    let (issue, short) = new_issue(&*store, grant(CLIENT), now, 10, 20);
     store.issue(issue).await.expect("issue");
     let long = issue_pair(&store, CLIENT, now).await;
     let (_, next) = rotate_ok(&store, &long.refresh, now, None).await;
@@ -569,7 +601,7 @@ pub async fn count_live(store: SharedStore) {
     assert_eq!(live(&store, now).await, 7);
     assert!(
         store
-            .revoke_token(&Digest::of(&b.access))
+            .revoke_token(&store.token_digest(&b.access))
             .await
             .expect("revoke")
     );
@@ -591,10 +623,15 @@ pub async fn concurrent_rotation(store: SharedStore) {
         for _ in 0..TASKS {
             let (store, barrier, refresh) = (store.clone(), barrier.clone(), pair.refresh.clone());
             tasks.push(tokio::spawn(async move {
-                let (issue, next) = successor(grant(CLIENT), now, None);
+                let (issue, next) = successor(&*store, grant(CLIENT), now, None);
                 barrier.wait().await;
                 let outcome = store
-                    .rotate(&Digest::of(&refresh), CLIENT, now, &rotate_to(issue))
+                    .rotate(
+                        &store.token_digest(&refresh),
+                        CLIENT,
+                        now,
+                        &rotate_to(issue),
+                    )
                     .await
                     .expect("rotate under contention must not fail");
                 (outcome, next)
@@ -642,7 +679,7 @@ pub async fn replay_only_for_immediate_predecessor(store: SharedStore) {
     let present = |refresh: String, at: UnixTime| {
         let store = store.clone();
         async move {
-            let (issue, _) = successor(grant(CLIENT), at, None);
+            let (issue, _) = successor(&*store, grant(CLIENT), at, None);
             rotate(&store, &refresh, CLIENT, at, &rotate_to(issue)).await
         }
     };
@@ -705,12 +742,12 @@ where
         let (_, next) = rotate_ok(&store, &pair.refresh, now, Some(replay)).await;
         tokens.extend([pair.access, pair.refresh, next.access.clone(), next.refresh]);
         store
-            .revoke_token(&Digest::of(&next.access))
+            .revoke_token(&store.token_digest(&next.access))
             .await
             .expect("revoke");
     }
     let bytes = dump().await;
-    let digest = Digest::of(&tokens[0]);
+    let digest = store.token_digest(&tokens[0]);
     assert!(
         contains(&bytes, digest.as_bytes()) || contains(&bytes, digest.to_hex().as_bytes()),
         "the dump ({} bytes) does not show the stored digests: it is not a dump of this store",

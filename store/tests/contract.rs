@@ -180,7 +180,7 @@ async fn memory_capacity_evicts_and_counts() {
     let last = last.expect("issued");
     assert!(
         shared
-            .access_token(&store::Digest::of(&last.access), now)
+            .access_token(&shared.token_digest(&last.access), now)
             .await
             .expect("lookup")
             .is_some(),
@@ -382,7 +382,8 @@ mod postgres_only {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
             let refresh = pair.refresh.clone();
             tasks.push(tokio::spawn(async move {
-                let (issue, _) = testing::successor(testing::grant(testing::CLIENT), now, None);
+                let (issue, _) =
+                    testing::successor(&*store, testing::grant(testing::CLIENT), now, None);
                 store
                     .rotate(&store::Digest::of(&refresh), testing::CLIENT, now, &|_| {
                         store::RotateDecision::Rotate(issue.clone())
@@ -444,9 +445,10 @@ mod postgres_only {
             // Generation 1 is the token presented below.
             let (first, pair, replay) = family_with_a_replay(&a, now).await;
             let presented = Digest::of(&pair.refresh);
-            let (mine, my_pair) = testing::successor(testing::grant(testing::CLIENT), now, None);
+            let (mine, my_pair) =
+                testing::successor(&*a, testing::grant(testing::CLIENT), now, None);
             let (theirs, their_pair) =
-                testing::successor(testing::grant(testing::CLIENT), now, None);
+                testing::successor(&*a, testing::grant(testing::CLIENT), now, None);
 
             let changed = AtomicBool::new(false);
             let decide = |_: &store::RefreshToken| {
@@ -635,7 +637,7 @@ mod postgres_only {
 
         let mut holder = admin.begin().await.expect("begin");
         hold_refresh_row(&mut holder, &schema, &first.refresh).await;
-        let (gen2, _) = testing::successor(testing::grant(testing::CLIENT), now, None);
+        let (gen2, _) = testing::successor(&*a, testing::grant(testing::CLIENT), now, None);
         let outcome = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             a.rotate(&Digest::of(&pair.refresh), testing::CLIENT, now, &|_| {

@@ -37,7 +37,7 @@ async fn memory_footprint() {
             scope: "read write".into(),
             metadata: Default::default(),
         });
-        let (issue, _) = testing::new_issue(grant, now, 3600, 43200);
+        let (issue, _) = testing::new_issue(&*shared, grant, now, 3600, 43200);
         shared.issue(issue).await.expect("issue");
     }
     assert_eq!(store.entry_count(), 2 * ISSUES);

@@ -70,7 +70,7 @@ async fn purge_task_reports_removals_and_survives_errors() {
     );
     let now = store::now();
     // Already expired: the purge must take both tokens; the live pair stays.
-    let (issue, _) = testing::new_issue(testing::grant(testing::CLIENT), now - 100, 10, 20);
+    let (issue, _) = testing::new_issue(&*sql, testing::grant(testing::CLIENT), now - 100, 10, 20);
     sql.issue(issue).await.expect("issue");
     testing::issue_pair(&sql, testing::CLIENT, now).await;
 

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::Value;
-use store::Digest;
 use tests::{
     PolicyDir, Resp, SETTINGS, add_client, basic, default_token_policy, dispatch_policy, post_form,
 };
@@ -122,7 +121,7 @@ async fn refresh_issues_a_new_pair_with_the_documented_defaults() {
     // The new access token is live in the store, under its digest, with the grant.
     let at = t
         .store()
-        .access_token(&Digest::of(s(&v, "access_token")), store::now())
+        .access_token(&t.store().token_digest(s(&v, "access_token")), store::now())
         .await
         .unwrap();
     let at = at.expect("new access token stored");
@@ -158,7 +157,7 @@ async fn custom_settings_and_no_new_refresh_token() {
     // Metadata is stored with the token and can be read back.
     let at = t
         .store()
-        .access_token(&Digest::of(s(&v, "access_token")), store::now())
+        .access_token(&t.store().token_digest(s(&v, "access_token")), store::now())
         .await
         .unwrap()
         .unwrap();
@@ -369,7 +368,7 @@ async fn scope_narrowing_is_allowed_and_widening_refused() {
     assert_eq!(v["scope"], "read");
     let at = t
         .store()
-        .access_token(&Digest::of(s(&v, "access_token")), store::now())
+        .access_token(&t.store().token_digest(s(&v, "access_token")), store::now())
         .await
         .unwrap()
         .unwrap();
@@ -501,7 +500,7 @@ async fn reuse_revokes_the_whole_family_and_takes_the_failure_path() {
     assert_eq!(r.json()["reuse"], "true");
     assert!(
         t.store()
-            .access_token(&Digest::of(&at1), store::now())
+            .access_token(&t.store().token_digest(&at1), store::now())
             .await
             .unwrap()
             .is_none(),
@@ -578,7 +577,7 @@ async fn tokens_are_never_stored_or_logged_in_the_clear() {
     let at = s(&first, "access_token");
     assert!(
         t.store()
-            .access_token(&Digest::of(at), store::now())
+            .access_token(&t.store().token_digest(at), store::now())
             .await
             .unwrap()
             .is_some()

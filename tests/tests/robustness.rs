@@ -1098,7 +1098,7 @@ async fn malformed_token_requests_get_rfc_6749_errors_and_change_nothing() {
     assert_eq!(health.status, StatusCode::OK, "{}", health.text());
     let store = gw.state.runtime.load().stores["tokens"].store.clone();
     let live = store
-        .access_token(&store::Digest::of(&w.at0), store::now())
+        .access_token(&store.token_digest(&w.at0), store::now())
         .await
         .expect("store");
     assert!(

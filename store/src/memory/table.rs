@@ -27,10 +27,11 @@
 //! rounds of writes at the bound): 220 to 221 MB resident after the second round, 212 to 216 MB
 //! with rebuilds, at the same time per rotation.
 
-use std::collections::HashMap;
 use std::mem;
 
-use crate::{Digest, DigestBuildHasher};
+use hashbrown::HashTable;
+
+use crate::Digest;
 
 /// Entries moved from the retiring table per insert or `get_mut`: the retiring table is empty
 /// after 1/16 as many writes as it held, so a shard holds both tables only briefly; the move
@@ -44,7 +45,43 @@ const STEP: usize = 16;
 /// again after a few writes.
 const REBUILD_AT_MOST: (usize, usize) = (3, 4);
 
-type Map<V> = HashMap<Digest, V, DigestBuildHasher>;
+type Map<V> = HashTable<(Digest, V)>;
+
+/// A digest's hash: its first eight bytes, which are uniform for a digest with no place and
+/// hold the place's position in their low bits for one with a place ([`crate::Place`]), so
+/// that the table puts the entry at that position, or the first free one after it.
+fn hash(key: &Digest) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&key.0[..8]);
+    u64::from_le_bytes(first)
+}
+
+fn rehash<V>(entry: &(Digest, V)) -> u64 {
+    hash(&entry.0)
+}
+
+fn is<V>(key: &Digest) -> impl Fn(&(Digest, V)) -> bool + '_ {
+    move |(k, _)| k == key
+}
+
+/// What [`Table::insert`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Inserted<V> {
+    /// The key was there: its value, now replaced.
+    Replaced(V),
+    /// A new entry, written this many slots past the position its hash names (0: at it).
+    New { skipped: usize },
+}
+
+#[cfg(test)]
+impl<V> Inserted<V> {
+    pub(super) fn replaced(self) -> Option<V> {
+        match self {
+            Inserted::Replaced(v) => Some(v),
+            Inserted::New { .. } => None,
+        }
+    }
+}
 
 pub(super) struct Table<V> {
     current: Map<V>,
@@ -57,9 +94,9 @@ pub(super) struct Table<V> {
 impl<V> Default for Table<V> {
     fn default() -> Self {
         Table {
-            current: Map::default(),
+            current: Map::new(),
             room: 0,
-            retiring: Map::default(),
+            retiring: Map::new(),
         }
     }
 }
@@ -70,41 +107,56 @@ impl<V> Table<V> {
     }
 
     pub(super) fn get(&self, key: &Digest) -> Option<&V> {
+        let h = hash(key);
         if !self.retiring.is_empty()
-            && let Some(v) = self.retiring.get(key)
+            && let Some((_, v)) = self.retiring.find(h, is(key))
         {
             return Some(v);
         }
-        self.current.get(key)
+        self.current.find(h, is(key)).map(|(_, v)| v)
     }
 
     pub(super) fn get_mut(&mut self, key: &Digest) -> Option<&mut V> {
+        let h = hash(key);
         if !self.retiring.is_empty() {
             self.move_some(STEP);
-            if let Some(v) = self.retiring.get_mut(key) {
+            if let Some((_, v)) = self.retiring.find_mut(h, is(key)) {
                 return Some(v);
             }
         }
-        self.current.get_mut(key)
+        self.current.find_mut(h, is(key)).map(|(_, v)| v)
     }
 
-    /// Inserts or replaces; returns the value it replaced.
-    pub(super) fn insert(&mut self, key: Digest, value: V) -> Option<V> {
+    /// Inserts or replaces.
+    pub(super) fn insert(&mut self, key: Digest, value: V) -> Inserted<V> {
+        let h = hash(&key);
         if self.retiring.is_empty() && self.current.len() == self.current.capacity() {
             // A replacement needs no room; only a new key makes the table grow.
-            if let Some(v) = self.current.get_mut(&key) {
-                return Some(mem::replace(v, value));
+            if let Some((_, v)) = self.current.find_mut(h, is(&key)) {
+                return Inserted::Replaced(mem::replace(v, value));
             }
             self.grow();
         }
         if !self.retiring.is_empty() {
             self.move_some(STEP);
-            if let Some(old) = self.retiring.remove(&key) {
-                self.current.insert(key, value);
-                return Some(old);
+            if let Ok(found) = self.retiring.find_entry(h, is(&key)) {
+                let ((_, old), _) = found.remove();
+                self.release_if_drained();
+                self.current.insert_unique(h, (key, value), rehash);
+                return Inserted::Replaced(old);
             }
         }
-        self.current.insert(key, value)
+        if let Some((_, v)) = self.current.find_mut(h, is(&key)) {
+            return Inserted::Replaced(mem::replace(v, value));
+        }
+        let at = self
+            .current
+            .insert_unique(h, (key, value), rehash)
+            .bucket_index();
+        let mask = self.current.num_buckets() - 1;
+        Inserted::New {
+            skipped: at.wrapping_sub(h as usize) & mask,
+        }
     }
 
     /// Starts moving `current` into a new table: of its size when removed slots are what took
@@ -116,10 +168,7 @@ impl<V> Table<V> {
         } else {
             self.room * 2
         };
-        self.retiring = mem::replace(
-            &mut self.current,
-            Map::with_capacity_and_hasher(capacity.max(16), DigestBuildHasher::default()),
-        );
+        self.retiring = mem::replace(&mut self.current, Map::with_capacity(capacity.max(16)));
         self.room = self.current.capacity();
     }
 
@@ -128,13 +177,15 @@ impl<V> Table<V> {
     fn move_some(&mut self, n: usize) {
         let mut batch = [Digest([0; 32]); STEP];
         let mut found = 0;
-        for key in self.retiring.keys().take(n.min(STEP)) {
+        for (key, _) in self.retiring.iter().take(n.min(STEP)) {
             batch[found] = *key;
             found += 1;
         }
         for key in &batch[..found] {
-            if let Some(v) = self.retiring.remove(key) {
-                self.current.insert(*key, v);
+            let h = hash(key);
+            if let Ok(entry) = self.retiring.find_entry(h, is(key)) {
+                let (moved, _) = entry.remove();
+                self.current.insert_unique(h, moved, rehash);
             }
         }
         self.release_if_drained();
@@ -143,34 +194,40 @@ impl<V> Table<V> {
     /// Gives the retiring table's memory back once its last entry has left.
     fn release_if_drained(&mut self) {
         if self.retiring.is_empty() {
-            self.retiring = Map::default();
+            self.retiring = Map::new();
         }
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &V> {
-        self.current.values().chain(self.retiring.values())
+        self.iter().map(|(_, v)| v)
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (&Digest, &V)> {
-        self.current.iter().chain(self.retiring.iter())
+        self.current
+            .iter()
+            .chain(self.retiring.iter())
+            .map(|(k, v)| (k, v))
     }
 
     /// Removes a key; a growth in progress is not advanced (the caller is taking entries out,
     /// which leaves the new table more room, not less).
     pub(super) fn remove(&mut self, key: &Digest) -> Option<V> {
+        let h = hash(key);
         if !self.retiring.is_empty()
-            && let Some(v) = self.retiring.remove(key)
+            && let Ok(found) = self.retiring.find_entry(h, is(key))
         {
+            let ((_, v), _) = found.remove();
             self.release_if_drained();
             return Some(v);
         }
-        self.current.remove(key)
+        let found = self.current.find_entry(h, is(key)).ok()?;
+        Some(found.remove().0.1)
     }
 
     pub(super) fn retain(&mut self, mut keep: impl FnMut(&Digest, &mut V) -> bool) {
-        self.current.retain(&mut keep);
+        self.current.retain(|(k, v)| keep(k, v));
         if !self.retiring.is_empty() {
-            self.retiring.retain(&mut keep);
+            self.retiring.retain(|(k, v)| keep(k, v));
             self.release_if_drained();
         }
     }
@@ -187,7 +244,7 @@ impl<V> Table<V> {
         // sparse.
         let len = self.current.len();
         if len * 4 < self.room {
-            self.current.shrink_to(len * 2);
+            self.current.shrink_to(len * 2, rehash);
             self.room = self.current.capacity();
         }
     }
@@ -206,6 +263,79 @@ mod tests {
         Digest::of(&i.to_string())
     }
 
+    /// A key whose hash names position `seq`, as a token's place does ([`crate::Place`]).
+    fn placed(seq: u32, n: u64) -> Digest {
+        let mut d = key(n);
+        crate::Place::new(0, seq).mark(&mut d);
+        d
+    }
+
+    fn skipped<V>(inserted: Inserted<V>) -> usize {
+        match inserted {
+            Inserted::New { skipped } => skipped,
+            Inserted::Replaced(_) => panic!("a new key replaced one"),
+        }
+    }
+
+    /// Keys whose places come in sequence land at their places. Over a stretch where every
+    /// other slot is still taken (the live refresh tokens of an earlier round, beside its
+    /// expired access tokens), each new key lands at the first free slot after its place, and
+    /// the places that follow, moved on by what it skipped, keep the next keys from landing
+    /// ever further behind: none skips more than one slot. Without moving the places on, the
+    /// keys of that stretch land up to half its length away.
+    #[test]
+    fn keys_land_at_their_places_or_just_past_the_live_ones() {
+        let mut t = Table::default();
+        let n = 1500u32;
+        for seq in 0..n {
+            assert_eq!(skipped(t.insert(placed(seq, seq.into()), seq)), 0, "{seq}");
+        }
+        while t.growing() {
+            t.get_mut(&placed(0, 0));
+        }
+        let buckets = t.current.num_buckets();
+        assert!(
+            buckets >= n as usize,
+            "{buckets} buckets: the stretch does not wrap"
+        );
+        for seq in (0..n).step_by(2) {
+            assert_eq!(t.remove(&placed(seq, seq.into())), Some(seq));
+        }
+        let (mut place, mut most) = (0u32, 0);
+        for i in 0..n / 2 {
+            let k = placed(place, u64::from(n + i));
+            let s = skipped(t.insert(k, n + i));
+            let at = t.current.find_bucket_index(hash(&k), is(&k)).unwrap();
+            assert_eq!(at, place as usize + s, "where it landed, as reported");
+            most = most.max(s);
+            place += 1 + s as u32;
+        }
+        assert!(most <= 1, "a key skipped {most} slots");
+        assert_eq!(t.len(), n as usize);
+        assert_eq!(t.current.num_buckets(), buckets, "no growth");
+        assert!(
+            (1..n)
+                .step_by(2)
+                .all(|seq| t.get(&placed(seq, seq.into())) == Some(&seq))
+        );
+
+        // The same stretch with places that do not move on.
+        let mut t = Table::default();
+        for seq in 0..n {
+            t.insert(placed(seq, seq.into()), seq);
+        }
+        while t.growing() {
+            t.get_mut(&placed(0, 0));
+        }
+        for seq in (0..n).step_by(2) {
+            t.remove(&placed(seq, seq.into()));
+        }
+        let most = (0..n / 2)
+            .map(|i| skipped(t.insert(placed(i, u64::from(n + i)), n + i)))
+            .max();
+        assert!(most >= Some(n as usize / 4), "{most:?}");
+    }
+
     #[test]
     fn growth_keeps_every_entry_and_moves_a_few_per_insert() {
         let mut t = Table::default();
@@ -213,7 +343,7 @@ mod tests {
         let mut was_growing = false;
         for i in 0..20_000u64 {
             let retiring_before = t.retiring.len();
-            assert_eq!(t.insert(key(i), i), None);
+            assert_eq!(t.insert(key(i), i).replaced(), None);
             let retiring_after = t.retiring.len();
             // An insert moves at most STEP entries (or the rest at the end of a growth).
             if retiring_before > 0 && retiring_after > 0 {
@@ -263,8 +393,8 @@ mod tests {
     fn replacing_removing_and_changing_during_a_growth() {
         let (mut t, i) = growing_table();
         // Key 0 is still in the retiring table: replacing it returns the old value, once.
-        assert!(t.retiring.contains_key(&key(0)));
-        assert_eq!(t.insert(key(0), 100), Some(0));
+        assert!(t.retiring.find(hash(&key(0)), is(&key(0))).is_some());
+        assert_eq!(t.insert(key(0), 100).replaced(), Some(0));
         assert_eq!(t.get(&key(0)), Some(&100));
         assert_eq!(t.len(), i as usize);
         *t.get_mut(&key(1)).unwrap() += 1000;
@@ -303,7 +433,7 @@ mod tests {
         let mut oldest = 0u64;
         // One key in, the oldest out.
         let churn = |t: &mut Table<u64>, next: &mut u64, oldest: &mut u64| {
-            assert_eq!(t.insert(key(*next), *next), None);
+            assert_eq!(t.insert(key(*next), *next).replaced(), None);
             *next += 1;
             assert_eq!(t.remove(&key(*oldest)), Some(*oldest));
             *oldest += 1;
@@ -349,12 +479,12 @@ mod tests {
         }
         assert!(!t.growing());
         let len = t.len();
-        assert_eq!(t.insert(key(0), 7), Some(0));
+        assert_eq!(t.insert(key(0), 7).replaced(), Some(0));
         assert_eq!(t.len(), len);
         assert_eq!(t.get(&key(0)), Some(&7));
         assert_eq!(t.values().count(), len);
         // The next new key grows it; key 0 keeps its new value through the move.
-        assert_eq!(t.insert(key(i + 1), 0), None);
+        assert_eq!(t.insert(key(i + 1), 0).replaced(), None);
         assert!(t.growing());
         while t.growing() {
             i += 1;

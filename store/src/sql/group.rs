@@ -369,7 +369,7 @@ mod tests {
 
     /// [`crate::testing::issue_pair`] for a store held as itself, not as a `SharedStore`.
     async fn pair(store: &SqlStore, now: UnixTime) -> Pair {
-        let (issue, pair) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+        let (issue, pair) = new_issue(store, grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         store.issue(issue).await.expect("issue");
         pair
     }
@@ -380,7 +380,7 @@ mod tests {
         now: UnixTime,
         accept: bool,
     ) -> StoreResult<RotateOutcome> {
-        let (issue, _) = successor(grant(CLIENT), now, None);
+        let (issue, _) = successor(store, grant(CLIENT), now, None);
         let decide = move |_: &RefreshToken| {
             if accept {
                 RotateDecision::Rotate(issue.clone())
@@ -464,7 +464,7 @@ mod tests {
             decision,
             done,
         })));
-        let (issue, _) = successor(grant(CLIENT), now, None);
+        let (issue, _) = successor(&store, grant(CLIENT), now, None);
         let decide = |_: &RefreshToken| {
             // The first member's savepoint is open: queue the second now.
             if let Some(job) = late_job.lock().unwrap().take() {
@@ -479,7 +479,7 @@ mod tests {
             consumed_rx
                 .await
                 .expect("the second rotation consumed its token");
-            let (next, _) = successor(grant(CLIENT), now, None);
+            let (next, _) = successor(&store, grant(CLIENT), now, None);
             assert!(decision_tx.send(RotateDecision::Rotate(next)).is_ok());
             answer.await.expect("the second rotation answered")
         };
@@ -502,7 +502,7 @@ mod tests {
         let (store, _dir) = sqlite().await;
         let now = crate::now();
         let (kept, rejected) = (pair(&store, now).await, pair(&store, now).await);
-        let (fresh_issue, fresh) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+        let (fresh_issue, fresh) = new_issue(&store, grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         let (before, bulk_before) = (commits(&store), bulk_writes(&store));
         let (a, b, c) = tokio::join!(
             rotate(&store, &kept.refresh, now, true),
@@ -534,9 +534,9 @@ mod tests {
         let now = crate::now();
         let (kept, rejected) = (pair(&store, now).await, pair(&store, now).await);
         // The same digests again: the primary key refuses them.
-        let (mut duplicate, _) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+        let (mut duplicate, _) = new_issue(&store, grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         duplicate.access.digest = Digest::of(&kept.access);
-        let (fresh_issue, fresh) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+        let (fresh_issue, fresh) = new_issue(&store, grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         let before = commits(&store);
         let (a, b, c, d, e) = tokio::join!(
             rotate(&store, &kept.refresh, now, true),
@@ -613,7 +613,7 @@ mod tests {
         .await
         .expect("create the trigger");
         let before = commits(&store);
-        let (issue, late) = new_issue(grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
+        let (issue, late) = new_issue(&store, grant(CLIENT), now, ACCESS_TTL, REFRESH_TTL);
         let (ra, rb, issued) = tokio::join!(
             rotate(&store, &a.refresh, now, true),
             rotate(&store, &b.refresh, now, true),
