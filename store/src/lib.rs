@@ -31,7 +31,8 @@ use sha2::{Digest as _, Sha256};
 pub use clients::{ClientApplication, ClientRegistry, ImmediateRegistry, RegistryError};
 pub use config::{StoreConfig, open_store};
 
-/// SHA-256 of a token (or secret). The only form in which a store ever holds a token.
+/// SHA-256 of a token (or secret). The only form in which a store ever holds a token. For a
+/// token with a [`Place`], 6 of its bytes are the place's ([`Place::digest`]).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
 
