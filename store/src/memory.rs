@@ -32,7 +32,8 @@
 //! writes to, 1/[`EVICTION_BATCH`] of that shard scaled to an equal share (shards take unequal
 //! shares of the keys, see [`ShardMap`]). A shard is written in proportion to its share and
 //! evicts in proportion to its size over its share, so every shard keeps the same span of
-//! issues and this is close to evicting the oldest entries of the whole store. Finding a
+//! issues and this is close to evicting the oldest entries of the whole store (within its
+//! oldest sixteenth: shards are written in runs, see [`HEADS`]). Finding a
 //! batch is a pass over the shard, which also sets aside the entries ranked next (the shard's
 //! [`Reserve`]) for the next evictions, so a refresh storm against a full store makes one pass
 //! per 1 + [`RESERVE_BATCHES`] batches of a shard. Evictions are counted.
@@ -182,16 +183,15 @@ struct ShardCell {
 }
 
 /// Places are given out by heads, one per writing thread (threads take them in turn): a head
-/// gives a run of places in one slot of the [`ShardMap`] ([`MemoryStore::new`]: 16 at a
-/// million tokens, 1 below 131,072), then moves [`STRIDE`] slots on. Within a run, tokens go to
-/// consecutive positions of one shard's table, lines that are in cache or next to those just
-/// written, where a random slot of a table of a million missed on every write. Between runs,
-/// the slots are far apart, so that every shard is written in proportion to its share at any
-/// scale above 256 runs, as it was when the shard came from the digest: the eviction relies on
-/// it (each shard evicts its own oldest, see the module's doc). Runs of 16 and 1, and runs
-/// through adjacent slots (one shard for 44 to 89 runs, which a store of 10,000 tokens did not
-/// survive: its newest were evicted from the shard being written), are measured in
-/// bench/PROFILING.md.
+/// gives a run of places in one slot of the [`ShardMap`] (`MemoryStore::run`), then moves
+/// [`STRIDE`] slots on. Within a run, tokens go to consecutive positions of one shard's table,
+/// into lines that are in cache or next to those just written, where a random slot of a table
+/// of a million missed on every write. Between runs, the slots are far apart, so that every
+/// shard is written in proportion to its share over 256 runs: the eviction relies on it (each
+/// shard evicts its own oldest, see the module's doc). What the runs' length did to the refresh
+/// grant is in bench/PROFILING.md (2026-12-05, seventh session); runs through adjacent slots
+/// (one shard for 44 to 89 runs) were faster still, but a store of 10,000 tokens did not survive
+/// them: its newest tokens were evicted from the shard being written.
 const HEADS: usize = 16;
 /// Odd, so that a head visits every slot once per [`SHARD_SLOTS`] runs; near
 /// `SHARD_SLOTS` / the golden ratio, so that consecutive slots are far apart.
@@ -470,9 +470,10 @@ pub struct MemoryStore {
     /// Whether a revocation is sweeping the revoked families ([`MAX_PENDING_REVOCATIONS`]).
     sweeping: AtomicBool,
     max_tokens: u64,
-    /// Places a head gives in one slot before it moves on: 1/65,536 of `max_tokens`, between
-    /// 1 and 16, so that the shards' writes stay in proportion over 256 runs, 1/256 of the
-    /// store or less at a million tokens.
+    /// Places a head gives in one slot before it moves on: 1/4,096 of `max_tokens`, between 1
+    /// and 256 (244 at a million). Over 256 runs, a sixteenth of the store, every shard is
+    /// written in proportion to its share, so an eviction takes among the oldest sixteenth of
+    /// the store's entries, not always the very oldest.
     run: usize,
     counts: CachePadded<Counts>,
     /// Moves at every revocation (a token's, or a family's into or out of the revoked set):
@@ -505,7 +506,7 @@ impl MemoryStore {
             revoked_len: AtomicUsize::new(0),
             sweeping: AtomicBool::new(false),
             max_tokens: max_tokens.max(1),
-            run: (max_tokens / 65_536).clamp(1, 16) as usize,
+            run: (max_tokens / 4_096).clamp(1, 256) as usize,
             counts: CachePadded::default(),
             rank_epoch: AtomicU64::new(0),
         }
@@ -1418,8 +1419,9 @@ mod tests {
     /// [`ShardMap`], at every scale above a few thousand tokens, as the eviction needs.
     #[test]
     fn tokens_land_at_their_places_spread_over_the_shards() {
-        let store = MemoryStore::new(300_000);
-        assert_eq!(store.run, 4);
+        let mut store = MemoryStore::new(u64::MAX);
+        assert_eq!(store.run, 256);
+        store.run = 4;
         let now = crate::now();
         let mut tokens = Vec::new();
         let given = |store: &MemoryStore| -> Vec<u64> {
