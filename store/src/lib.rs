@@ -372,9 +372,10 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Consumes `presented` and writes the successor chosen by `decide`, as one atomic step:
     /// of N concurrent calls for one token, exactly one gets `Rotated`. The token must belong
-    /// to `client_id`. `decide` must be quick and must not touch the store: the memory and
-    /// SQLite stores run it while they hold the token (under its shard's lock, inside the
-    /// transaction). PostgreSQL runs it on the token as read, before the statement that
+    /// to `client_id`. `decide` must be quick and must not touch the store but to mint its
+    /// tokens ([`TokenStore::token_place`], [`TokenStore::token_digest`], which take no lock):
+    /// the memory and SQLite stores run it while they hold the token (under its family's lock,
+    /// inside the transaction). PostgreSQL runs it on the token as read, before the statement that
     /// consumes it, so several concurrent calls may each decide while only one is written:
     /// what `decide` builds is the caller's to use only on `Rotated`.
     async fn rotate(
