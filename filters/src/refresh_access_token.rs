@@ -652,6 +652,28 @@ mod tests {
         serde_json::from_slice(r.body()).unwrap()
     }
 
+    /// The tokens the grant mints for a memory store start with the store's places, and the
+    /// store finds them by those: ten grants in a row, twenty tokens, every one with a place
+    /// (a random token reads as one about one time in thirteen).
+    #[tokio::test]
+    async fn minted_tokens_carry_the_memory_stores_places() {
+        let (memory, pair) = memory_with_pair().await;
+        let mut refresh = pair.refresh;
+        for _ in 0..10 {
+            let body = body_of(refresh_without_scope(&memory, "{}", &refresh).await);
+            let access = body["access_token"].as_str().unwrap();
+            let next = body["refresh_token"].as_str().unwrap();
+            for token in [access, next] {
+                let place = store::Place::parse(token).expect("a place");
+                assert_eq!(memory.token_digest(token), place.digest(token));
+            }
+            let digest = memory.token_digest(access);
+            let found = memory.access_token(&digest, store::now()).await;
+            assert!(found.unwrap().is_some());
+            refresh = next.to_owned();
+        }
+    }
+
     #[tokio::test]
     async fn an_omitted_scope_reissues_only_what_the_application_is_still_registered_for() {
         // Granted `read write`; `app` has since lost `write` in the registry.

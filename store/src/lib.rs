@@ -32,7 +32,7 @@ pub use clients::{ClientApplication, ClientRegistry, ImmediateRegistry, Registry
 pub use config::{StoreConfig, open_store};
 
 /// SHA-256 of a token (or secret). The only form in which a store ever holds a token. For a
-/// token with a [`Place`], 6 of its bytes are the place's ([`Place::digest`]).
+/// token with a [`Place`], 38 of its bits are the place's ([`Place::digest`]).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
 
@@ -118,7 +118,7 @@ pub const TOKEN_ALPHABET: &[u8; 62] =
 /// In the token: the first [`Place::CHARS`] characters, base 62, most significant first.
 /// In the digest ([`Place::digest`]): the token's SHA-256 with the sequence in its bytes 0..3 and
 /// the slot in the top 14 bits of bytes 8..10, the bytes from which the memory store takes a
-/// digest's hash and its shard. 208 bits of the SHA-256 remain.
+/// digest's hash and its shard. 218 bits of the SHA-256 remain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Place {
     /// One of 2^14 slots, which the memory store maps to its shards.

@@ -17,7 +17,7 @@
 //! An access token and
 //! the refresh token of the same issue share one `Arc<Grant>`, so an entry is a digest, two
 //! pointers and a few integers (≈ 88 bytes in its slot). There is no per-entry timer, deque
-//! node or reference-counted key, which is what keeps a million live tokens near 250 bytes
+//! node or reference-counted key, which is what keeps a million live tokens near 200 bytes
 //! each (BENCHMARKS.md) and a rotation near a microsecond.
 //!
 //! Expiry: every lookup compares `expires_at` with the caller's clock, so a token is refused at
@@ -32,8 +32,8 @@
 //! writes to, 1/[`EVICTION_BATCH`] of that shard scaled to an equal share (shards take unequal
 //! shares of the keys, see [`ShardMap`]). A shard is written in proportion to its share and
 //! evicts in proportion to its size over its share, so every shard keeps the same span of
-//! issues and this is close to evicting the oldest entries of the whole store (within its
-//! oldest sixteenth: shards are written in runs, see [`HEADS`]). Finding a
+//! issues and this is close to evicting the oldest entries of the whole store (shards are
+//! written in runs, see [`HEADS`], in proportion over 256 of them). Finding a
 //! batch is a pass over the shard, which also sets aside the entries ranked next (the shard's
 //! [`Reserve`]) for the next evictions, so a refresh storm against a full store makes one pass
 //! per 1 + [`RESERVE_BATCHES`] batches of a shard. Evictions are counted.
@@ -472,8 +472,8 @@ pub struct MemoryStore {
     max_tokens: u64,
     /// Places a head gives in one slot before it moves on: 1/4,096 of `max_tokens`, between 1
     /// and 256 (244 at a million). Over 256 runs, a sixteenth of the store, every shard is
-    /// written in proportion to its share, so an eviction takes among the oldest sixteenth of
-    /// the store's entries, not always the very oldest.
+    /// written in proportion to its share, so that each shard's oldest stay close to the
+    /// store's.
     run: usize,
     counts: CachePadded<Counts>,
     /// Moves at every revocation (a token's, or a family's into or out of the revoked set):
@@ -593,19 +593,53 @@ impl MemoryStore {
         }
     }
 
+    #[cfg(test)]
     fn put(&self, digest: Digest, entry: Entry) {
-        let (issued_at, expires_at) = (entry.issued_at, entry.expires_at);
-        let cell = &self.shards[self.shard_map.of(&digest)];
+        self.put_issue((digest, entry), None);
+    }
+
+    /// Writes an issue's one or two entries. Both tokens of an issue usually have places in
+    /// one run, so in one shard: they are then written under one hold of its lock and counted
+    /// in one step, which saves the grant two locked instructions (each waits for the stores
+    /// before it, the entries' among them).
+    fn put_issue(&self, first: (Digest, Entry), second: Option<(Digest, Entry)>) {
+        let index = self.shard_map.of(&first.0);
+        let cell = &self.shards[index];
         let mut shard = locked(&cell.lock);
+        let mut added = self.insert_locked(cell, &mut shard, first);
+        let apart = match second {
+            Some(second) if self.shard_map.of(&second.0) == index => {
+                added += self.insert_locked(cell, &mut shard, second);
+                None
+            }
+            other => other,
+        };
+        // Counted under the shard's lock, so that no eviction or purge can take an entry (and
+        // count it out) before it is counted in.
+        if added > 0 {
+            self.counts.len.fetch_add(added, Ordering::Relaxed);
+        }
+        drop(shard);
+        if let Some(second) = apart {
+            self.put_issue(second, None);
+        }
+    }
+
+    /// Inserts one entry into its shard, held by the caller; returns 1 for a new entry, 0 for
+    /// one that replaced an entry of the same digest.
+    fn insert_locked(
+        &self,
+        cell: &ShardCell,
+        shard: &mut Shard,
+        (digest, entry): (Digest, Entry),
+    ) -> u64 {
+        let (issued_at, expires_at) = (entry.issued_at, entry.expires_at);
         // An entry of a revoked family ranks below every live one. No rotation writes one
         // (the family is checked under its lock), but an issue names its own family.
         let revoked = !shard.reserve.next.is_empty() && self.family_revoked(entry.family());
         let replaced = match shard.table.insert(digest, entry) {
             Inserted::Replaced(_) => true,
             Inserted::New { skipped } => {
-                // Counted under the shard's lock, so that no eviction or purge can take the
-                // entry (and count it out) before it is counted in.
-                self.counts.len.fetch_add(1, Ordering::Relaxed);
                 // The entry went past live ones to the first free slot: the shard's next
                 // places go past them too, so that tokens land where their places say instead
                 // of each further behind the last (a head that skips live slots, as a clock).
@@ -618,6 +652,7 @@ impl MemoryStore {
         shard
             .reserve
             .written(issued_at, expires_at, revoked || replaced);
+        u64::from(!replaced)
     }
 
     /// Evicts the lowest-ranked entries of one shard (see [`Entry::eviction_rank`]): at least
@@ -674,13 +709,11 @@ impl MemoryStore {
             None => self.make_room(&[issue.access.digest]),
         }
         let access_grant = issue.access_grant.as_ref().unwrap_or(&issue.grant);
-        self.put(
-            issue.access.digest,
-            entry(access_grant, issue.access, Kind::Access),
-        );
-        if let Some(refresh) = issue.refresh {
-            self.put(refresh.digest, entry(&issue.grant, refresh, Kind::Refresh));
-        }
+        let access = entry(access_grant, issue.access, Kind::Access);
+        let refresh = issue
+            .refresh
+            .map(|refresh| (refresh.digest, entry(&issue.grant, refresh, Kind::Refresh)));
+        self.put_issue((issue.access.digest, access), refresh);
     }
 
     /// Removes a shard's expired entries and those of the `revoked` families, counted out of
@@ -854,7 +887,8 @@ impl TokenStore for MemoryStore {
     fn token_place(&self) -> Option<Place> {
         let head = head_index();
         let n = self.heads[head].fetch_add(1, Ordering::Relaxed) as usize;
-        let slot = (head * SHARD_SLOTS / HEADS + (n / self.run).wrapping_mul(STRIDE)) % SHARD_SLOTS;
+        let step = ((n / self.run) % SHARD_SLOTS) * STRIDE;
+        let slot = (head * SHARD_SLOTS / HEADS + step) % SHARD_SLOTS;
         let shard = usize::from(self.shard_map.shard_of_slot[slot]);
         let seq = self.shards[shard].next.fetch_add(1, Ordering::Relaxed);
         Some(Place::new(slot as u16, seq))
@@ -1433,6 +1467,7 @@ mod tests {
                 testing::new_issue(&store, testing::grant(testing::CLIENT), now, 3600, 7200);
             store.write_issue(&issue, issue.family, 0);
             tokens.push(pair.access);
+            tokens.push(pair.refresh);
             if i == 100 {
                 // 202 places, 51 runs of 4 over 256 shards: none has had more than 3 runs.
                 // (Had the runs gone through adjacent slots, one shard would have had them all.)
@@ -1449,11 +1484,22 @@ mod tests {
                 "shard {shard}: {n}, {share:.0} due"
             );
         }
-        for token in &tokens {
-            let digest = store.token_digest(token);
-            assert_eq!(digest, Place::parse(token).unwrap().digest(token));
-            assert!(is_live_access(&store, &digest, now));
+        // Both tokens of a pair, mostly in one shard and written under one hold of its lock.
+        let mut together = 0;
+        for pair in tokens.chunks(2) {
+            let digests: Vec<Digest> = pair.iter().map(|t| store.token_digest(t)).collect();
+            for (token, digest) in pair.iter().zip(&digests) {
+                assert_eq!(*digest, Place::parse(token).unwrap().digest(token));
+            }
+            assert!(is_live_access(&store, &digests[0], now));
+            assert_eq!(store.read(&digests[1], |e| e.kind), Some(Kind::Refresh));
+            together +=
+                usize::from(store.shard_map.of(&digests[0]) == store.shard_map.of(&digests[1]));
         }
+        assert!(
+            together >= 19_000,
+            "{together} of 20,000 pairs in one shard"
+        );
     }
 
     /// A token's place is a hint, not a key: with one character of its place or of the rest
