@@ -175,8 +175,9 @@ struct Shard {
 }
 
 /// A shard behind its lock, and the sequence of the places it gives ([`Place::seq`]): the next
-/// token written to the shard should land at that position of its table.
-#[derive(Default)]
+/// token written to the shard should land at that position of its table. The sequence starts
+/// at a random number, as the heads do, so that a token's place does not tell how many tokens
+/// the store has issued since it started.
 struct ShardCell {
     lock: Mutex<Shard>,
     next: AtomicU32,
@@ -493,11 +494,20 @@ impl MemoryStore {
     /// tombstones included); a write that finds it full evicts a batch first. The bound is
     /// checked without a lock: concurrent writers may pass it by one entry each.
     pub fn new(max_tokens: u64) -> Self {
+        let run = (max_tokens / 4_096).clamp(1, 256);
         MemoryStore {
             shards: (0..SHARDS)
-                .map(|_| CachePadded::new(ShardCell::default()))
+                .map(|_| {
+                    CachePadded::new(ShardCell {
+                        lock: Mutex::default(),
+                        next: AtomicU32::new(rand::random()),
+                    })
+                })
                 .collect(),
-            heads: (0..HEADS).map(|_| CachePadded::default()).collect(),
+            heads: (0..HEADS)
+                // A random start, at the start of a run.
+                .map(|_| CachePadded::new(AtomicU64::new(u64::from(rand::random::<u16>()) * run)))
+                .collect(),
             shard_map: ShardMap::new(),
             locks: (0..LOCK_STRIPES)
                 .map(|_| CachePadded::new(Mutex::new(())))
@@ -506,7 +516,7 @@ impl MemoryStore {
             revoked_len: AtomicUsize::new(0),
             sweeping: AtomicBool::new(false),
             max_tokens: max_tokens.max(1),
-            run: (max_tokens / 4_096).clamp(1, 256) as usize,
+            run: run as usize,
             counts: CachePadded::default(),
             rank_epoch: AtomicU64::new(0),
         }
@@ -1458,9 +1468,17 @@ mod tests {
         store.run = 4;
         let now = crate::now();
         let mut tokens = Vec::new();
+        // Each shard's sequence starts at a random number: count from there.
+        let start: Vec<u32> = store
+            .shards
+            .iter()
+            .map(|c| c.next.load(Ordering::Relaxed))
+            .collect();
         let given = |store: &MemoryStore| -> Vec<u64> {
             let next = store.shards.iter().map(|c| c.next.load(Ordering::Relaxed));
-            next.map(u64::from).collect()
+            next.zip(&start)
+                .map(|(n, s)| u64::from(n.wrapping_sub(*s)))
+                .collect()
         };
         for i in 0..20_000 {
             let (issue, pair) =
@@ -1499,6 +1517,24 @@ mod tests {
         assert!(
             together >= 19_000,
             "{together} of 20,000 pairs in one shard"
+        );
+    }
+
+    /// A fresh store's places start at random slots and positions, so that they do not count
+    /// the tokens issued since the store started: two fresh stores give different places.
+    #[test]
+    fn a_fresh_stores_places_start_at_random() {
+        let places = || {
+            let store = MemoryStore::new(1_000_000);
+            (0..4)
+                .map(|_| store.token_place().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (places(), places());
+        assert_ne!(a, b);
+        assert!(
+            a.iter().chain(&b).any(|p| p.seq > 4 && p.slot > 0),
+            "{a:?} {b:?}"
         );
     }
 
