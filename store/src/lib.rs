@@ -41,9 +41,7 @@ pub struct Digest(pub [u8; 32]);
 // (other hashers still mix them as usual).
 impl std::hash::Hash for Digest {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
+        state.write_u64(self.first_u64());
     }
 }
 
@@ -81,6 +79,14 @@ impl Digest {
 
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// The first eight bytes, little-endian: what tables keyed by digests take as the hash.
+    /// For a digest with a [`Place`], its low 24 bits are the place's position.
+    pub fn first_u64(&self) -> u64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(first)
     }
 
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {

@@ -53,13 +53,11 @@ const REBUILD_AT_MOST: (usize, usize) = (3, 4);
 
 type Map<V> = HashTable<(Digest, V)>;
 
-/// A digest's hash: its first eight bytes, which are uniform for a digest with no place and
-/// hold the place's position in their low bits for one with a place ([`crate::Place`]), so
-/// that the table puts the entry at that position, or the first free one after it.
+/// A digest's hash ([`Digest::first_u64`]): uniform for a digest with no place, the place's
+/// position in its low bits for one with a place ([`crate::Place`]), so that the table puts
+/// the entry at that position, or the first free one after it.
 fn hash(key: &Digest) -> u64 {
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&key.0[..8]);
-    u64::from_le_bytes(first)
+    key.first_u64()
 }
 
 fn rehash<V>(entry: &(Digest, V)) -> u64 {
